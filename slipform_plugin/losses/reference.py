@@ -1,0 +1,154 @@
+"""Plain PyTorch reference of the Cement loss (and of InfoNCE, its zero-margin case).
+
+It builds the full similarity matrix: it is the ground truth that the chunked and Triton paths in
+``slipform_plugin.kernels`` are tested against, not the path to train with at large batch.
+
+Definition (README, section "The Cement loss"). For L2-normalised image features ``x_i``, caption features
+``y_j``, hard-negative caption features ``h_ik`` with scores ``c_ik`` in [0, 1] and mask ``v_ik``, scale
+``s`` and bias ``b``:
+
+    row i (image -> text), over the M captions and image i's own K hard negatives:
+        z_ij  = s * x_i.y_j + b + [j != i] * s * mu_b * sigmoid((x_i.y_j - x_i.y_i + delta) / gamma)
+        z_ik' = s * x_i.h_ik + b + s * mu_h * c_ik                (-inf where v_ik is False)
+        L_i^row = logsumexp_j,k(z) - z_ii
+    column j (text -> image), over the M images, no hard negatives:
+        w_ij  = s * x_i.y_j + b + [i != j] * s * mu_b * sigmoid((x_i.y_j - x_j.y_j + delta) / gamma)
+        L_j^col = logsumexp_i(w_.j) - w_jj
+    loss = (sum_{i local} L_i^row + sum_{j local} L_j^col) / (2 * B)
+
+The margins are constants in the gradient (computed from detached similarities and a detached scale).
+With ``mu_b = mu_h = 0`` this is InfoNCE with the hard negatives as extra columns of the image-to-text
+rows, and with ``K = 0`` as well it is OpenCLIP's ``ClipLoss``.
+
+``local_start`` / ``local_size`` select the rows and columns this process owns inside gathered features
+(OpenCLIP's ``--local-loss``); the defaults take all of them (the global loss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def difficulty_margin(
+    similarity: Tensor,
+    positive_similarity: Tensor,
+    scale: Tensor,
+    margin_batch: float,
+    offset: float,
+    temperature: float,
+) -> Tensor:
+    """In-batch difficulty margin ``s * mu_b * sigmoid((sim - sim_pos + delta) / gamma)``, detached.
+
+    Args:
+        similarity: ``[..., M]`` cosine similarities of a row (or column) to every candidate.
+        positive_similarity: ``[..., 1]`` the same row's positive similarity, broadcast against ``similarity``.
+        scale: the (exponentiated) logit scale, a scalar tensor.
+    Returns:
+        ``[..., M]`` margins in logit units, without gradient.
+    """
+    with torch.no_grad():
+        gap = (similarity.float() - positive_similarity.float() + offset) / temperature
+        return scale.detach().float() * margin_batch * torch.sigmoid(gap)
+
+
+def cement_loss_reference(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    hn_text_features: Tensor | None = None,
+    hn_scores: Tensor | None = None,
+    hn_mask: Tensor | None = None,
+    *,
+    margin_hard: float = 0.0,
+    margin_batch: float = 0.0,
+    difficulty_offset: float = 0.0,
+    difficulty_temperature: float = 0.05,
+    logit_bias: Tensor | float | None = None,
+    local_start: int = 0,
+    local_size: int | None = None,
+) -> Tensor:
+    """Symmetric Cement loss with the full similarity matrix, computed in fp32.
+
+    Args:
+        image_features: ``[M, D]`` normalised image features (all ranks' when gathered).
+        text_features: ``[M, D]`` normalised caption features; caption ``j`` is image ``j``'s positive.
+        logit_scale: exponentiated scale ``s`` (scalar tensor or float).
+        hn_text_features: ``[B, K, D]`` hard-negative caption features of the ``B`` local rows, or None.
+        hn_scores: ``[B, K]`` concreteness scores in [0, 1] (None means all zero).
+        hn_mask: ``[B, K]`` bool, True where the negative is real (None means all real).
+        margin_hard: ``mu_h``, the concreteness margin in cosine units.
+        margin_batch: ``mu_b``, the largest difficulty margin in cosine units.
+        difficulty_offset: ``delta`` of the difficulty sigmoid.
+        difficulty_temperature: ``gamma`` (> 0) of the difficulty sigmoid.
+        logit_bias: optional scalar added to every logit (SigLIP-style models).
+        local_start: index of the first local row/column inside the ``M`` gathered ones.
+        local_size: number ``B`` of local rows/columns (default: all ``M - local_start``).
+    Returns:
+        Scalar fp32 loss.
+    """
+    num_total = image_features.shape[0]
+    size = num_total - local_start if local_size is None else local_size
+    image = image_features.float()
+    text = text_features.float()
+    scale = logit_scale if isinstance(logit_scale, Tensor) else torch.tensor(float(logit_scale), device=image.device)
+    scale = scale.float()
+    bias = 0.0 if logit_bias is None else logit_bias
+    rows = slice(local_start, local_start + size)
+    targets = torch.arange(local_start, local_start + size, device=image.device)
+
+    # Image -> text rows: local images against every caption.
+    row_similarity = image[rows] @ text.T  # [B, M]
+    row_positive = row_similarity.gather(1, targets[:, None])  # [B, 1]
+    row_logits = scale * row_similarity + bias
+    if margin_batch != 0.0:
+        margin = difficulty_margin(
+            row_similarity, row_positive, scale, margin_batch, difficulty_offset, difficulty_temperature
+        )
+        margin = margin.scatter(1, targets[:, None], 0.0)
+        row_logits = row_logits + margin
+    if hn_text_features is not None and hn_text_features.shape[1] > 0:
+        hard = hn_text_features.float()
+        hard_similarity = torch.einsum("bd,bkd->bk", image[rows], hard)  # [B, K]
+        hard_logits = scale * hard_similarity + bias
+        if hn_scores is not None and margin_hard != 0.0:
+            hard_logits = hard_logits + scale.detach() * margin_hard * hn_scores.float()
+        if hn_mask is not None:
+            hard_logits = hard_logits.masked_fill(~hn_mask.bool(), float("-inf"))
+        row_logits = torch.cat([row_logits, hard_logits], dim=1)
+    row_loss = F.cross_entropy(row_logits, targets, reduction="sum")
+
+    # Text -> image columns: local captions against every image.
+    col_similarity = text[rows] @ image.T  # [B, M]
+    col_positive = col_similarity.gather(1, targets[:, None])
+    col_logits = scale * col_similarity + bias
+    if margin_batch != 0.0:
+        margin = difficulty_margin(
+            col_similarity, col_positive, scale, margin_batch, difficulty_offset, difficulty_temperature
+        )
+        margin = margin.scatter(1, targets[:, None], 0.0)
+        col_logits = col_logits + margin
+    col_loss = F.cross_entropy(col_logits, targets, reduction="sum")
+    return (row_loss + col_loss) / (2 * size)
+
+
+def hard_negative_accuracy(
+    image_features: Tensor, text_features: Tensor, hn_text_features: Tensor, hn_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """How often an image's caption beats all of that image's own real hard negatives.
+
+    Args:
+        image_features: ``[B, D]``; text_features: ``[B, D]``; hn_text_features: ``[B, K, D]``; hn_mask ``[B, K]``.
+    Returns:
+        ``(correct, counted)``: number of rows whose positive wins and number of rows with a real negative.
+    """
+    with torch.no_grad():
+        positive = (image_features.float() * text_features.float()).sum(-1)  # [B]
+        hard = torch.einsum("bd,bkd->bk", image_features.float(), hn_text_features.float())
+        if hn_mask is None:
+            hn_mask = torch.ones(hard.shape, dtype=torch.bool, device=hard.device)
+        hard = hard.masked_fill(~hn_mask.bool(), float("-inf"))
+        has_negative = hn_mask.bool().any(dim=1)
+        wins = (positive > hard.max(dim=1).values) & has_negative
+        return wins.sum(), has_negative.sum()
