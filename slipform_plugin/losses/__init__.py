@@ -1,0 +1,340 @@
+"""Cement and InfoNCE losses: drop-in replacements for ``open_clip.ClipLoss`` that also take hard negatives.
+
+``CementLoss(...)(image_features, text_features, logit_scale, hn_text_features=..., hn_scores=..., hn_mask=...)``
+gathers features across ranks exactly as OpenCLIP's ``ClipLoss`` does and computes the symmetric loss
+defined in :mod:`slipform_plugin.losses.reference` with one of three implementations:
+
+- ``"reference"``: the plain PyTorch formula with the full similarity matrix;
+- ``"chunked"``: a tiled PyTorch ``autograd.Function`` with O(N D) memory (the CPU default);
+- ``"triton"``: fused Triton forward and backward kernels (the CUDA default);
+- ``"auto"``: Triton on CUDA when it can run, else chunked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slipform_plugin.losses.reference import cement_loss_reference, hard_negative_accuracy
+
+__all__ = [
+    "CementLoss",
+    "InfoNCELoss",
+    "cement_loss_reference",
+    "create_cement_loss",
+    "create_infonce_loss",
+    "hard_negative_accuracy",
+]
+
+LOSS_IMPLS = ("auto", "triton", "chunked", "reference")
+
+#: Documented defaults of the Cement settings (README, "The Cement loss").
+CEMENT_DEFAULTS: dict[str, float] = {
+    "margin_hard": 0.10,
+    "margin_batch": 0.05,
+    "difficulty_offset": 0.0,
+    "difficulty_temperature": 0.05,
+}
+
+
+def _gather(tensor: Tensor, with_grad: bool, replace_local: bool, rank: int, world_size: int) -> Tensor:
+    """All-gather ``tensor`` on dim 0 like OpenCLIP's ``gather_features`` (gloo and NCCL alike)."""
+    import torch.distributed as dist
+    import torch.distributed.nn
+
+    if with_grad:
+        return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
+    parts = [torch.zeros_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    if replace_local:
+        parts[rank] = tensor  # keep the gradient of this rank's own features
+    return torch.cat(parts, dim=0)
+
+
+class CementLoss(nn.Module):
+    """Symmetric contrastive loss with calibrated margins and hard-negative columns.
+
+    Constructor arguments mirror ``open_clip.ClipLoss`` (``local_loss``, ``gather_with_grad``,
+    ``cache_labels``, ``rank``, ``world_size``, ``use_horovod`` which is rejected) plus Cement's settings:
+
+    Args:
+        margin_hard: ``mu_h``; a hard negative's logit is raised by ``s * mu_h * score``.
+        margin_batch: ``mu_b``; an in-batch negative's logit is raised by
+            ``s * mu_b * sigmoid((sim_neg - sim_pos + difficulty_offset) / difficulty_temperature)``.
+        difficulty_offset: ``delta`` of that sigmoid.
+        difficulty_temperature: ``gamma`` (> 0) of that sigmoid.
+        impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
+        check_finite: raise a clear error on NaN/Inf features (costs one reduction per tensor).
+
+    ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
+    hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
+    returned dict, whose values OpenCLIP sums into the optimised loss).
+
+    With ``local_loss=True`` and ``gather_with_grad=False`` OpenCLIP's ``ClipLoss`` drops the gradient of a
+    rank's own features through the other direction; Cement keeps it (the loss value is the same).
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        margin_hard: float = CEMENT_DEFAULTS["margin_hard"],
+        margin_batch: float = CEMENT_DEFAULTS["margin_batch"],
+        difficulty_offset: float = CEMENT_DEFAULTS["difficulty_offset"],
+        difficulty_temperature: float = CEMENT_DEFAULTS["difficulty_temperature"],
+        impl: str = "auto",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if use_horovod:
+            raise ValueError("CementLoss: use_horovod is not supported, expected torch.distributed (got True)")
+        if impl not in LOSS_IMPLS:
+            raise ValueError(f"CementLoss: impl must be one of {LOSS_IMPLS}, got {impl!r}")
+        for name, value in (
+            ("margin_hard", margin_hard),
+            ("margin_batch", margin_batch),
+            ("difficulty_offset", difficulty_offset),
+        ):
+            if not math.isfinite(float(value)):
+                raise ValueError(f"CementLoss: {name} must be a finite number, got {value!r}")
+        if not difficulty_temperature > 0:
+            raise ValueError(f"CementLoss: difficulty_temperature must be > 0, got {difficulty_temperature!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"CementLoss: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels  # accepted for ClipLoss compatibility; no labels are materialised
+        self.rank = rank
+        self.world_size = world_size
+        self.margin_hard = float(margin_hard)
+        self.margin_batch = float(margin_batch)
+        self.difficulty_offset = float(difficulty_offset)
+        self.difficulty_temperature = float(difficulty_temperature)
+        self.impl = impl
+        self.check_finite = check_finite
+        self.hard_negative_meter = HardNegativeMeter()
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin_hard={self.margin_hard}, margin_batch={self.margin_batch}, "
+            f"difficulty_offset={self.difficulty_offset}, difficulty_temperature={self.difficulty_temperature}, "
+            f"impl={self.impl!r}, local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
+            f"world_size={self.world_size}"
+        )
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | float | None = None,
+        hn_text_features: Tensor | None = None,
+        hn_scores: Tensor | None = None,
+        hn_mask: Tensor | None = None,
+        output_dict: bool = False,
+    ) -> Tensor | dict[str, Tensor]:
+        """Loss of one (local) batch.
+
+        Args:
+            image_features: ``[B, D]`` normalised image features of this rank.
+            text_features: ``[B, D]`` normalised caption features; row ``b`` is image ``b``'s positive.
+            logit_scale: exponentiated scale (scalar tensor or float), as OpenCLIP's model returns it.
+            logit_bias: optional scalar bias added to every logit.
+            hn_text_features: ``[B, K, D]`` hard-negative caption features, or None.
+            hn_scores: ``[B, K]`` concreteness scores in [0, 1]; None means 0 (no concreteness margin).
+            hn_mask: ``[B, K]`` bool, True where a negative is real; None means all real.
+            output_dict: return ``{"contrastive_loss": loss}`` instead of the tensor.
+        """
+        self._check_inputs(image_features, text_features, logit_scale, hn_text_features, hn_scores, hn_mask)
+        batch = image_features.shape[0]
+        if hn_text_features is not None:
+            correct, counted = hard_negative_accuracy(image_features, text_features, hn_text_features, hn_mask)
+            self.hard_negative_meter.update(correct, counted)
+            if hn_mask is None:
+                hn_mask = torch.ones(hn_text_features.shape[:2], dtype=torch.bool, device=hn_text_features.device)
+            if hn_scores is None:
+                hn_scores = torch.zeros(hn_text_features.shape[:2], dtype=torch.float32, device=hn_mask.device)
+
+        local_start = 0
+        if self.world_size > 1:
+            replace_local = not self.local_loss or not self.gather_with_grad
+            all_image = _gather(image_features, self.gather_with_grad, replace_local, self.rank, self.world_size)
+            all_text = _gather(text_features, self.gather_with_grad, replace_local, self.rank, self.world_size)
+            if self.local_loss:
+                local_start = self.rank * batch
+                local_size = batch
+            else:
+                local_size = all_image.shape[0]
+                if hn_text_features is not None:
+                    hn_text_features = _gather(
+                        hn_text_features, self.gather_with_grad, True, self.rank, self.world_size
+                    )
+                    hn_scores = _gather(hn_scores.float(), False, False, self.rank, self.world_size)
+                    hn_mask = _gather(hn_mask.to(torch.uint8), False, False, self.rank, self.world_size).bool()
+        else:
+            all_image, all_text, local_size = image_features, text_features, batch
+
+        loss = self._loss(
+            all_image, all_text, logit_scale, logit_bias, hn_text_features, hn_scores, hn_mask, local_start, local_size
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _loss(self, image, text, scale, bias, hard, scores, mask, local_start, local_size) -> Tensor:
+        settings = dict(
+            margin_hard=self.margin_hard,
+            margin_batch=self.margin_batch,
+            difficulty_offset=self.difficulty_offset,
+            difficulty_temperature=self.difficulty_temperature,
+            logit_bias=bias,
+            local_start=local_start,
+            local_size=local_size,
+        )
+        if not isinstance(scale, Tensor):
+            scale = torch.tensor(float(scale), device=image.device)
+        if self.impl == "reference":
+            loss = cement_loss_reference(image, text, scale, hard, scores, mask, **settings)
+        else:
+            from slipform_plugin.kernels import cement_loss
+
+            loss = cement_loss(image, text, scale, hard, scores, mask, impl=self.impl, check_finite=False, **settings)
+        return loss.to(image.dtype) if image.dtype in (torch.float16, torch.bfloat16) else loss
+
+    def _check_inputs(self, image, text, scale, hard, scores, mask) -> None:
+        if image.ndim != 2 or text.ndim != 2:
+            raise ValueError(
+                f"CementLoss: expected image_features and text_features of shape [B, D], "
+                f"got {tuple(image.shape)} and {tuple(text.shape)}"
+            )
+        if image.shape != text.shape:
+            raise ValueError(
+                f"CementLoss: image_features {tuple(image.shape)} and text_features {tuple(text.shape)} must match"
+            )
+        if image.shape[0] == 0:
+            raise ValueError("CementLoss: expected a non-empty batch, got image_features with 0 rows")
+        if image.device != text.device or image.dtype != text.dtype:
+            raise ValueError(
+                f"CementLoss: image_features and text_features must share device and dtype, got "
+                f"{image.device}/{image.dtype} and {text.device}/{text.dtype}"
+            )
+        scale_value = scale.detach() if isinstance(scale, Tensor) else torch.tensor(float(scale))
+        if scale_value.numel() != 1 or not bool(scale_value.float().reshape(()) > 0):
+            raise ValueError(f"CementLoss: logit_scale must be a positive scalar, got {scale_value}")
+        if hard is not None:
+            batch, dim = image.shape
+            if hard.ndim != 3 or hard.shape[0] != batch or hard.shape[2] != dim:
+                raise ValueError(
+                    f"CementLoss: expected hn_text_features of shape [{batch}, K, {dim}], got {tuple(hard.shape)}"
+                )
+            if hard.device != image.device or hard.dtype != image.dtype:
+                raise ValueError(
+                    f"CementLoss: hn_text_features must be on {image.device} with dtype {image.dtype}, "
+                    f"got {hard.device}/{hard.dtype}"
+                )
+            for name, value in (("hn_scores", scores), ("hn_mask", mask)):
+                if value is not None and tuple(value.shape) != tuple(hard.shape[:2]):
+                    raise ValueError(
+                        f"CementLoss: expected {name} of shape {tuple(hard.shape[:2])}, got {tuple(value.shape)}"
+                    )
+            if mask is not None and mask.dtype != torch.bool:
+                raise ValueError(f"CementLoss: expected hn_mask of dtype torch.bool, got {mask.dtype}")
+        elif scores is not None or mask is not None:
+            raise ValueError("CementLoss: hn_scores/hn_mask given without hn_text_features")
+        if self.check_finite:
+            for name, value in (("image_features", image), ("text_features", text), ("hn_text_features", hard)):
+                if value is not None and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"CementLoss: {name} contains NaN or Inf")
+            if scores is not None and not bool(((scores >= 0) & (scores <= 1)).all()):
+                raise ValueError("CementLoss: expected hn_scores in [0, 1], got values outside")
+
+
+class InfoNCELoss(CementLoss):
+    """Symmetric InfoNCE with hard negatives as extra image-to-text columns: Cement with its margins at zero.
+
+    With no hard negatives it equals ``open_clip.ClipLoss``.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        impl: str = "auto",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(
+            local_loss,
+            gather_with_grad,
+            cache_labels,
+            rank,
+            world_size,
+            use_horovod,
+            margin_hard=0.0,
+            margin_batch=0.0,
+            impl=impl,
+            check_finite=check_finite,
+        )
+
+
+class HardNegativeMeter:
+    """Running count of rows whose caption beats all of its own hard negatives (for logging only)."""
+
+    def __init__(self) -> None:
+        self.correct = 0
+        self.counted = 0
+
+    def update(self, correct: Tensor, counted: Tensor) -> None:
+        self.correct += int(correct)
+        self.counted += int(counted)
+
+    def pop(self) -> float | None:
+        """Accuracy since the last call, or None when no row had a negative; resets the counts."""
+        value = self.correct / self.counted if self.counted else None
+        self.correct = self.counted = 0
+        return value
+
+
+def _common_kwargs(args: Any) -> dict[str, Any]:
+    return dict(
+        local_loss=getattr(args, "local_loss", False),
+        gather_with_grad=getattr(args, "gather_with_grad", False),
+        cache_labels=True,
+        rank=getattr(args, "rank", 0),
+        world_size=getattr(args, "world_size", 1),
+        use_horovod=getattr(args, "horovod", False),
+        impl=getattr(args, "loss_impl", "auto"),
+        check_finite=not getattr(args, "cement_skip_finite_check", False),
+    )
+
+
+def create_cement_loss(args: Any) -> CementLoss:
+    """Build :class:`CementLoss` from OpenCLIP's parsed arguments (the ``slipform.losses`` entry point)."""
+    return CementLoss(
+        **_common_kwargs(args),
+        margin_hard=getattr(args, "cement_margin_hard", CEMENT_DEFAULTS["margin_hard"]),
+        margin_batch=getattr(args, "cement_margin_batch", CEMENT_DEFAULTS["margin_batch"]),
+        difficulty_offset=getattr(args, "cement_difficulty_offset", CEMENT_DEFAULTS["difficulty_offset"]),
+        difficulty_temperature=getattr(
+            args, "cement_difficulty_temperature", CEMENT_DEFAULTS["difficulty_temperature"]
+        ),
+    )
+
+
+def create_infonce_loss(args: Any) -> InfoNCELoss:
+    """Build :class:`InfoNCELoss` from OpenCLIP's parsed arguments (the ``slipform.losses`` entry point)."""
+    return InfoNCELoss(**_common_kwargs(args))
+
+
+# Losses registered here accept hard negatives; the registry uses this to refuse --hn with other losses.
+CementLoss.accepts_hard_negatives = True
