@@ -290,10 +290,18 @@ def add_hard_negative_stage(data_info: Any, args: Any) -> Any:
     if generator is None:
         return data_info
     stage = HardNegativeStage(generator, args.hn_num, batch_size=getattr(args, "hn_batch_size", 64))
-    dataset = data_info.dataloader.dataset
-    insert_before_tokenization(dataset.pipeline, stage)
+    insert_before_tokenization(_sample_pipeline(data_info.dataloader), stage)
     logger.info("Slipform: hard negatives from %r, K=%d, in the training pipeline", args.hn, args.hn_num)
     return data_info
+
+
+def _sample_pipeline(loader: Any) -> list:
+    """The stage list of the WebDataset pipeline behind OpenCLIP's ``WebLoader`` (a DataLoader in a pipeline)."""
+    for candidate in (loader, *getattr(loader, "pipeline", [])):
+        dataset = getattr(candidate, "dataset", None)
+        if dataset is not None and isinstance(getattr(dataset, "pipeline", None), list):
+            return dataset.pipeline
+    raise RuntimeError("Slipform: could not find the WebDataset pipeline behind OpenCLIP's training dataloader")
 
 
 def get_wds_dataset(original, args, preprocess_img, is_train, epoch=0, floor=False, tokenizer=None):
