@@ -184,6 +184,8 @@ class TokenizerWithNegatives:
     Plain strings (and lists of them) are passed to the wrapped tokenizer unchanged.
     """
 
+    _slipform_wrapped = True  # tells a patched get_wds_dataset that the --hn stage is already being added
+
     def __init__(self, tokenizer: Any, num_negatives: int) -> None:
         self.tokenizer = tokenizer
         self.num_negatives = num_negatives

@@ -17,6 +17,7 @@ import argparse
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("slipform")
@@ -494,15 +495,18 @@ def install_cpu_ddp_fix() -> None:
 # Module patchers, keyed by module name (called by the import hook right after a module has executed)
 
 
+def model_config_dir() -> Path:
+    """Directory of the model configs Slipform ships (``slipform-tiny``)."""
+    return Path(__file__).resolve().parent / MODEL_CONFIG_DIR
+
+
 def register_model_configs() -> None:
     """Make ``--model slipform-tiny`` (and any config shipped in ``slipform_plugin/model_configs``) known."""
-    from importlib.resources import files
-
     import open_clip.factory as factory
 
-    path = files("slipform_plugin") / MODEL_CONFIG_DIR
+    path = model_config_dir()
     if str(path) not in {str(p) for p in factory._MODEL_CONFIG_PATHS}:
-        factory.add_model_config(str(path))
+        factory.add_model_config(path)
 
 
 def _patch_open_clip(module) -> None:
@@ -565,9 +569,28 @@ PATCHERS = {
 }
 
 
+def explicit_patches_applied() -> bool:
+    """True when ``slipform patch apply`` has put the hooks into OpenCLIP's source (checked once per process)."""
+    global _EXPLICIT
+    if _EXPLICIT is None:
+        try:
+            from importlib.util import find_spec
+
+            spec = find_spec("open_clip_train")
+            locations = list(spec.submodule_search_locations or []) if spec else []
+            params = Path(locations[0]) / "params.py" if locations else None
+            _EXPLICIT = bool(params and params.exists() and "_SLIPFORM_PATCHED" in params.read_text())
+        except Exception:
+            _EXPLICIT = False
+    return _EXPLICIT
+
+
+_EXPLICIT: bool | None = None
+
+
 def patch_module(module) -> None:
-    """Apply Slipform's patch for ``module`` unless the explicit diffs already put the hooks in its source."""
-    if getattr(module, "_SLIPFORM_PATCHED", False):
+    """Apply Slipform's patch for ``module`` unless the explicit diffs already put the hooks in OpenCLIP's source."""
+    if getattr(module, "_SLIPFORM_PATCHED", False) or explicit_patches_applied():
         return
     patcher = PATCHERS.get(module.__name__)
     if patcher is not None:
