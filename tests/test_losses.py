@@ -1,0 +1,234 @@
+"""CementLoss / InfoNCELoss semantics: ClipLoss at K = 0 (one and two processes), InfoNCE at zero margins,
+masks, margins, the hard-negative accuracy and bad input."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from slipform_plugin.losses import CementLoss, InfoNCELoss, cement_loss_reference
+
+IMPLS = ["reference", "chunked"]
+
+
+def features(batch: int, dim: int, negatives: int = 0, seed: int = 0, requires_grad: bool = True):
+    generator = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).requires_grad_(requires_grad)
+    text = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).requires_grad_(requires_grad)
+    hard = F.normalize(torch.randn(batch, negatives, dim, generator=generator), dim=-1).requires_grad_(requires_grad)
+    scores = torch.rand(batch, negatives, generator=generator)
+    mask = torch.rand(batch, negatives, generator=generator) > 0.3
+    return image, text, hard, scores, mask
+
+
+def grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias", [None, -2.5])
+def test_infonce_without_negatives_equals_clip_loss(impl, bias):
+    image, text, *_ = features(9, 12)
+    scale = torch.tensor(30.0, requires_grad=True)
+    expected = ClipLoss()(image, text, scale, logit_bias=None if bias is None else torch.tensor(bias))
+    got = InfoNCELoss(impl=impl)(image, text, scale, logit_bias=None if bias is None else torch.tensor(bias))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads(got, image, text, scale), grads(expected, image, text, scale)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    # Cement with its margins at zero is InfoNCE.
+    zero = CementLoss(margin_hard=0.0, margin_batch=0.0, impl=impl)(image, text, scale)
+    torch.testing.assert_close(zero, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_margins_are_infonce_with_hard_negative_columns(impl):
+    image, text, hard, scores, mask = features(7, 10, negatives=3)
+    scale = torch.tensor(17.0)
+    loss = CementLoss(margin_hard=0.0, margin_batch=0.0, impl=impl)(image, text, scale, None, hard, scores, mask)
+    # The textbook form: image-to-text rows over [captions | own real negatives], text-to-image over images.
+    row_logits = torch.cat(
+        [scale * image @ text.T, (scale * torch.einsum("bd,bkd->bk", image, hard)).masked_fill(~mask, -torch.inf)], 1
+    )
+    labels = torch.arange(7)
+    expected = (F.cross_entropy(row_logits, labels) + F.cross_entropy(scale * text @ image.T, labels)) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads(loss, image, text, hard), grads(expected, image, text, hard)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_negatives_are_ignored(impl):
+    image, text, hard, scores, mask = features(6, 8, negatives=4)
+    loss_fn = CementLoss(impl=impl)
+    base = loss_fn(image, text, 10.0, None, hard, scores, mask)
+    moved = hard.detach().clone()
+    moved[~mask] = -moved[~mask]  # change only the masked negatives
+    torch.testing.assert_close(loss_fn(image, text, 10.0, None, moved, scores, mask), base)
+    none_real = torch.zeros_like(mask)
+    no_negatives = loss_fn(image, text, 10.0)
+    torch.testing.assert_close(loss_fn(image, text, 10.0, None, hard, scores, none_real), no_negatives)
+    (grad_hard,) = grads(loss_fn(image, text, 10.0, None, hard, scores, mask), hard)
+    assert torch.count_nonzero(grad_hard[~mask]) == 0 and torch.count_nonzero(grad_hard[mask]) > 0
+
+
+def test_margins_raise_the_loss_and_concreteness_weights_them():
+    image, text, hard, _, _ = features(8, 16, negatives=2)
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    low, high = torch.full((8, 2), 0.1), torch.full((8, 2), 0.9)
+    loss = lambda scores, **kw: CementLoss(impl="reference", **kw)(image, text, 20.0, None, hard, scores, mask)
+    off = loss(low, margin_hard=0.0, margin_batch=0.0)
+    assert loss(low, margin_hard=0.2, margin_batch=0.0) > off
+    assert loss(high, margin_hard=0.2, margin_batch=0.0) > loss(low, margin_hard=0.2, margin_batch=0.0)
+    assert loss(low, margin_hard=0.0, margin_batch=0.1) > off
+
+
+def test_difficulty_margin_is_a_constant_in_the_gradient():
+    """The gradient equals that of the same logits with the margin added as a precomputed constant."""
+    image, text, *_ = features(5, 6)
+    scale = torch.tensor(12.0, requires_grad=True)
+    mu, delta, gamma = 0.2, 0.05, 0.1
+    loss = cement_loss_reference(
+        image, text, scale, margin_batch=mu, difficulty_offset=delta, difficulty_temperature=gamma
+    )
+    with torch.no_grad():
+        sim = image @ text.T
+        row_margin = 12.0 * mu * torch.sigmoid((sim - sim.diag()[:, None] + delta) / gamma)
+        col_margin = 12.0 * mu * torch.sigmoid((sim.T - sim.diag()[:, None] + delta) / gamma)
+        row_margin.fill_diagonal_(0)
+        col_margin.fill_diagonal_(0)
+    labels = torch.arange(5)
+    expected = (
+        F.cross_entropy(scale * image @ text.T + row_margin, labels)
+        + F.cross_entropy(scale * text @ image.T + col_margin, labels)
+    ) / 2
+    torch.testing.assert_close(loss, expected)
+    for g, e in zip(grads(loss, image, text, scale), grads(expected, image, text, scale)):
+        torch.testing.assert_close(g, e)
+
+
+def test_hard_negative_accuracy_is_metered_not_returned():
+    image, text, hard, scores, mask = features(4, 8, negatives=2)
+    text = image.detach().clone()  # positives are perfect: every row with a real negative wins
+    loss_fn = CementLoss(impl="reference")
+    out = loss_fn(image, text, 10.0, None, hard, scores, mask, output_dict=True)
+    assert list(out) == ["contrastive_loss"]
+    assert loss_fn.hard_negative_meter.pop() == 1.0
+    assert loss_fn.hard_negative_meter.pop() is None
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda f, i, t, h: f(i[:0], t[:0], 10.0), "expected a non-empty batch"),
+        (lambda f, i, t, h: f(i, t[:3], 10.0), "must match"),
+        (lambda f, i, t, h: f(i, t.double(), 10.0), "must share device and dtype"),
+        (lambda f, i, t, h: f(i, t, -1.0), "logit_scale must be a positive scalar"),
+        (lambda f, i, t, h: f(i, t, 10.0, None, h[:, :, :3]), "expected hn_text_features of shape [4, K, 8]"),
+        (
+            lambda f, i, t, h: f(i, t, 10.0, None, h, None, torch.ones(4, 1, dtype=torch.bool)),
+            "expected hn_mask of shape (4, 2)",
+        ),
+        (lambda f, i, t, h: f(i, t, 10.0, None, h, torch.full((4, 2), 2.0)), "expected hn_scores in [0, 1]"),
+        (lambda f, i, t, h: f(i * float("nan"), t, 10.0), "image_features contains NaN or Inf"),
+        (lambda f, i, t, h: f(i, t, 10.0, None, h * float("inf")), "hn_text_features contains NaN or Inf"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, message):
+    image, text, hard, _, _ = features(4, 8, negatives=2, requires_grad=False)
+    with pytest.raises(ValueError, match=None) as raised:
+        call(CementLoss(impl="reference"), image, text, hard)
+    assert message in str(raised.value)
+
+
+def test_bad_settings_get_a_clear_error():
+    with pytest.raises(ValueError, match="difficulty_temperature must be > 0, got 0"):
+        CementLoss(difficulty_temperature=0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        CementLoss(impl="cuda")
+    with pytest.raises(ValueError, match="use_horovod is not supported"):
+        CementLoss(use_horovod=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two gloo processes: equal to OpenCLIP's ClipLoss at K = 0, and to the single-process loss with negatives.
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        image, text, hard, scores, mask = features(4 * world, 8, negatives=2, seed=3)
+        rows = slice(rank * 4, (rank + 1) * 4)
+        results = {}
+        for local_loss, gather_with_grad in [(False, False), (True, True), (False, True)]:
+            kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+            for name, loss_fn in [
+                ("clip", ClipLoss(**kwargs)),
+                ("infonce", InfoNCELoss(impl="chunked", **kwargs)),
+                ("cement", CementLoss(impl="reference", **kwargs)),
+            ]:
+                i = image[rows].detach().clone().requires_grad_()
+                t = text[rows].detach().clone().requires_grad_()
+                h = hard[rows].detach().clone().requires_grad_()
+                if name == "cement":
+                    loss = loss_fn(i, t, 10.0, None, h, scores[rows], mask[rows])
+                    loss.backward()
+                    grad_h = h.grad
+                else:
+                    loss = loss_fn(i, t, torch.tensor(10.0))
+                    loss.backward()
+                    grad_h = None
+                results[(name, local_loss, gather_with_grad)] = (loss.detach(), i.grad, t.grad, grad_h)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_clip_loss_and_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    context = mp.get_context("spawn")
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=180)
+        assert p.exitcode == 0
+    results = {r: torch.load(tmp_path / f"rank{r}.pt") for r in range(world)}
+    image, text, hard, scores, mask = features(4 * world, 8, negatives=2, seed=3)
+    single = CementLoss(impl="reference")(image, text, 10.0, None, hard, scores, mask)
+    single_grads = grads(single, image, text, hard)
+    for rank in range(world):
+        rows = slice(rank * 4, (rank + 1) * 4)
+        for local_loss, gather_with_grad in [(False, False), (True, True), (False, True)]:
+            clip = results[rank][("clip", local_loss, gather_with_grad)]
+            infonce = results[rank][("infonce", local_loss, gather_with_grad)]
+            for got, expected in zip(infonce[:3], clip[:3]):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            cement = results[rank][("cement", local_loss, gather_with_grad)]
+            if not local_loss:  # the global loss on every rank is the single-process loss
+                torch.testing.assert_close(cement[0], single.detach(), rtol=1e-5, atol=1e-6)
+    # Local losses average to the global one; DDP's averaged gradients equal the single-process gradients.
+    local = [results[r][("cement", True, True)] for r in range(world)]
+    torch.testing.assert_close(sum(x[0] for x in local) / world, single.detach(), rtol=1e-5, atol=1e-6)
+    for rank in range(world):
+        rows = slice(rank * 4, (rank + 1) * 4)
+        # with gather_with_grad, each rank's feature gradient is summed over ranks by the all_gather backward
+        torch.testing.assert_close(local[rank][1] / world, single_grads[0][rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(local[rank][2] / world, single_grads[1][rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(local[rank][3] / world, single_grads[2][rows], rtol=1e-4, atol=1e-6)
