@@ -98,7 +98,8 @@ class HardNegativeStage:
         self.num_negatives = num_negatives
         self.batch_size = batch_size
         self.text_key = text_key
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter()  # cumulative counts of this process
+        self._logged: Counter = Counter()
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         buffer: list[dict] = []
@@ -170,12 +171,12 @@ class HardNegativeStage:
         return results
 
     def log_stats(self) -> None:
-        """Log this worker's counts (and reset them)."""
-        if not self.stats.get("samples"):
+        """Log this worker's counts since the last log (once per epoch: the stage's iterator ends each epoch)."""
+        delta = self.stats - self._logged
+        if not delta.get("samples"):
             return
-        counts = dict(sorted(self.stats.items()))
-        logger.info("Slipform hard negatives (pid %d): %s", os.getpid(), counts)
-        self.stats.clear()
+        logger.info("Slipform hard negatives (pid %d): %s", os.getpid(), dict(sorted(delta.items())))
+        self._logged = self.stats.copy()
 
 
 class TokenizerWithNegatives:
@@ -199,7 +200,10 @@ class TokenizerWithNegatives:
         return self.tokenizer(texts, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["tokenizer"], name)
+        tokenizer = self.__dict__.get("tokenizer")  # absent while unpickling
+        if tokenizer is None:
+            raise AttributeError(name)
+        return getattr(tokenizer, name)
 
 
 def insert_before_tokenization(pipeline: list, stage: Any, text_key: str = "text") -> int:
