@@ -91,7 +91,7 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "tensorboard"],
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={

@@ -18,6 +18,11 @@ PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slurm: starts a real Slurm cluster on this machine (needs root and Debian)")
+    config.addinivalue_line("markers", "slow: takes more than a minute")
+
+
 def make_shards(out: Path, num: int, shard_size: int = 64, seed: int = 0, extra: tuple[str, ...] = ()) -> str:
     """Write synthetic shards with ``slipform make-shards`` and return the brace pattern of their paths."""
     result = subprocess.run(
