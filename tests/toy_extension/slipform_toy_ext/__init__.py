@@ -28,7 +28,7 @@ class WordSwap:
             words = caption.split()
             negatives = []
             for i in range(len(words) - 1):
-                swapped = words[:i] + [words[i + 1], words[i]] + words[i + 2 :]
+                swapped = [*words[:i], words[i + 1], words[i], *words[i + 2 :]]
                 text = " ".join(swapped)
                 if text != caption:
                     negatives.append(HardNegative(text, "other", 0.5, (0, 0)))
