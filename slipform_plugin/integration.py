@@ -186,8 +186,14 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             )
         if getattr(args, "distill", False) or "coca" in str(getattr(args, "model", "")).lower():
             parser.error(f"--hn {args.hn} supports CLIP-style models without distillation (got --model {args.model})")
-        if getattr(args, "dataset_type", "auto") not in ("webdataset", "auto", "synthetic"):
-            parser.error(f"--hn {args.hn} needs --dataset-type webdataset, got {args.dataset_type!r}")
+        dataset_type = getattr(args, "dataset_type", "auto")
+        train_data = str(getattr(args, "train_data", None) or "")
+        if dataset_type == "auto" and train_data.split("::")[0].endswith((".csv", ".tsv")):
+            dataset_type = "csv"
+        if dataset_type not in ("webdataset", "auto"):
+            parser.error(
+                f"--hn {args.hn} needs WebDataset training data (--dataset-type webdataset), got {dataset_type!r}"
+            )
     if args.loss != "clip":
         if getattr(args, "siglip", False):
             parser.error(f"--loss {args.loss} cannot be combined with --siglip")

@@ -63,6 +63,8 @@ def test_without_plugin_the_abbreviation_trap_is_real():
         (("--loss", "cement", "--cement-difficulty-temperature", "0"), "--cement-difficulty-temperature must be > 0"),
         (("--loss", "cement", "--hn", "concreteplant", "--hn-kinds", "rhyme"), "--hn-kinds: unknown kinds ['rhyme']"),
         (("--loss", "cement", "--loss-impl", "cuda"), "argument --loss-impl: invalid choice: 'cuda'"),
+        (("--loss", "cement", "--hn", "concreteplant", "--dataset-type", "csv"), "needs WebDataset training data"),
+        (("--loss", "cement", "--hn", "concreteplant", "--train-data", "x.csv"), "needs WebDataset training data"),
         (("--loss", "infonce", "--hn", "concreteplant", "--model", "coca_ViT-B-32"), "supports CLIP-style models"),
     ],
 )
