@@ -103,6 +103,7 @@ setup(
         "slipform.hard_negatives": [
             "none=slipform_plugin.data_stage:no_hard_negatives",
             "concreteplant=slipform_plugin.concreteplant:create_from_args",
+            "concreteplant-uniform=slipform_plugin.evaluation.ablations:create_uniform_concreteplant",
         ],
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

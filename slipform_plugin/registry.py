@@ -32,6 +32,8 @@ _BUILTIN_LOSSES = {
 _BUILTIN_HARD_NEGATIVES = {
     "none": "slipform_plugin.data_stage:no_hard_negatives",
     "concreteplant": "slipform_plugin.concreteplant:create_from_args",
+    # The concreteness ablation: ConcretePlant's candidates, drawn uniformly instead of by concreteness.
+    "concreteplant-uniform": "slipform_plugin.evaluation.ablations:create_uniform_concreteplant",
 }
 #: Built-in losses that take hard negatives; third-party ones declare ``accepts_hard_negatives``.
 LOSSES_WITHOUT_HARD_NEGATIVES = frozenset({"clip"})
