@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import open_clip
 import open_clip_train.data as data
@@ -155,3 +156,32 @@ def test_no_stage_without_hn(synthetic_shards):
     assert "HardNegativeStage" not in [type(s).__name__ for s in integration._sample_pipeline(train.dataloader)]
     _, texts = next(iter(train.dataloader))
     assert texts.shape == (8, 64)
+
+
+def test_corrupt_shards_and_captionless_samples_are_skipped(synthetic_shards, tmp_path, monkeypatch):
+    """A truncated shard and samples without captions do not stop the --hn training pipeline."""
+    import io
+    import shutil
+    import tarfile
+
+    from braceexpand import braceexpand
+
+    monkeypatch.setattr("slipform_plugin.registry.get_hard_negative_factory", lambda name: lambda args: Swapper())
+    good = list(braceexpand(synthetic_shards[0]))
+    shutil.copy(good[0], tmp_path / "shard-00000.tar")
+    truncated = Path(good[1]).read_bytes()
+    (tmp_path / "shard-00001.tar").write_bytes(truncated[: len(truncated) // 3])  # cut mid-member
+    with tarfile.open(good[2]) as source, tarfile.open(tmp_path / "shard-00002.tar", "w") as target:
+        for member in source.getmembers():
+            if member.name.endswith(".txt") and int(member.name.split(".")[0][-1]) % 2 == 0:
+                continue  # every other sample loses its caption
+            target.addfile(member, io.BytesIO(source.extractfile(member).read()))
+    args = _args(str(tmp_path / "shard-{00000..00002}.tar"), "--loss", "cement", "--hn", "concreteplant")
+    args.train_num_samples = 200
+    _, _, preprocess = open_clip.create_model_and_transforms("slipform-tiny")
+    train = data.get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("slipform-tiny"))
+    batches = 0
+    for images, texts in train.dataloader:
+        assert texts.ndim == 3 and images.shape[0] == texts.shape[0]
+        batches += 1
+    assert batches == train.dataloader.num_batches
