@@ -165,20 +165,29 @@ class CementLoss(nn.Module):
 
         local_start = 0
         if self.world_size > 1:
+            # One all-gather for every feature tensor: a single collective in forward and in backward (separate
+            # autograd all-gathers can meet each other's backward collectives in a different order on each rank).
+            gather_hard = not self.local_loss and hn_text_features is not None
+            parts = [image_features, text_features]
+            if gather_hard:
+                parts.append(hn_text_features.flatten(1))
             replace_local = not self.local_loss or not self.gather_with_grad
-            all_image = _gather(image_features, self.gather_with_grad, replace_local, self.rank, self.world_size)
-            all_text = _gather(text_features, self.gather_with_grad, replace_local, self.rank, self.world_size)
+            gathered = _gather(
+                torch.cat(parts, dim=1), self.gather_with_grad, replace_local, self.rank, self.world_size
+            )
+            dim = image_features.shape[1]
+            all_image, all_text = gathered[:, :dim], gathered[:, dim : 2 * dim]
             if self.local_loss:
                 local_start = self.rank * batch
                 local_size = batch
             else:
                 local_size = all_image.shape[0]
-                if hn_text_features is not None:
-                    hn_text_features = _gather(
-                        hn_text_features, self.gather_with_grad, True, self.rank, self.world_size
-                    )
-                    hn_scores = _gather(hn_scores.float(), False, False, self.rank, self.world_size)
-                    hn_mask = _gather(hn_mask.to(torch.uint8), False, False, self.rank, self.world_size).bool()
+                if gather_hard:
+                    hn_text_features = gathered[:, 2 * dim :].reshape(local_size, -1, dim)
+                    meta = torch.cat([hn_scores.float(), hn_mask.float()], dim=1)
+                    meta = _gather(meta, False, False, self.rank, self.world_size)
+                    num_hard = hn_scores.shape[1]
+                    hn_scores, hn_mask = meta[:, :num_hard], meta[:, num_hard:] > 0.5
         else:
             all_image, all_text, local_size = image_features, text_features, batch
 
