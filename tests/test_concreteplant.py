@@ -1,0 +1,402 @@
+"""ConcretePlant: operations on hand-written captions, determinism, pickling, bad inputs, the offline tool and a
+small SugarCrepe run held to the issue's targets. spaCy loads once for the module."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+
+from slipform_plugin.concreteplant import ConcretePlant, create_from_args, lexicon, offline
+from slipform_plugin.concreteplant import vocabulary as V
+from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, HardNegative
+
+SUGARCREPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "sugarcrepe"
+
+
+@pytest.fixture(scope="module")
+def plant() -> ConcretePlant:
+    generator = ConcretePlant(num_negatives=3, seed=0)
+    generator.plant(["A dog on a couch."], ["warm-up"])  # loads spaCy and the norms once for the module
+    return generator
+
+
+def texts(negatives, kind=None) -> set[str]:
+    return {n.text for n in negatives if kind is None or n.kind == kind}
+
+
+def _article_ok(text: str) -> bool:
+    for article, word in re.findall(r"\b([Aa]n?) ([A-Za-z]+)", text):
+        if article.lower() != lexicon.article_for(word):
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------- lexicon
+def test_norms_and_within_pos_percentiles():
+    assert lexicon.lookup("dog") == pytest.approx(4.85)
+    assert lexicon.lookup("fire hydrant") is not None  # a two-word entry of the norms
+    assert lexicon.lookup("riding", "rid") == lexicon.lookup("riding")  # surface form before lemma
+    # Ranked within POS: a fairly concrete preposition outranks most prepositions, a noun of the same rating
+    # sits low among nouns.
+    assert lexicon.percentile(3.45, "ADP") > 0.8
+    assert lexicon.percentile(3.45, "NOUN") < 0.2
+    assert 0.0 <= lexicon.percentile(1.0, "NOUN") <= lexicon.percentile(5.0, "NOUN") <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("word", "tag", "lemma"),
+    [("riding", "VBG", "ride"), ("sitting", "VBG", "sit"), ("lying", "VBG", "lie"), ("parked", "VBN", "park"),
+     ("knives", "NNS", "knife"), ("benches", "NNS", "bench"), ("men", "NNS", "man"), ("is", "VBZ", "be")],
+)  # fmt: skip
+def test_lemmatize(word, tag, lemma):
+    assert lexicon.lemmatize(word, tag) == lemma
+
+
+def test_inflection_helpers():
+    assert [lexicon.pluralize(w) for w in ("dog", "bus", "pony", "man", "knife", "fire hydrant")] == [
+        "dogs", "buses", "ponies", "men", "knives", "fire hydrants"
+    ]  # fmt: skip
+    assert [lexicon.verb_form("sit", t) for t in ("VBG", "VBZ", "VBD", "VB")] == ["sitting", "sits", "sat", "sit"]
+    assert lexicon.verb_form("ride", "VBG") == "riding" and lexicon.verb_form("lie", "VBG") == "lying"
+    assert [lexicon.article_for(w) for w in ("orange", "red", "hour", "uniform")] == ["an", "a", "an", "a"]
+
+
+def test_vocabulary_entries_have_ratings():
+    vocabulary = lexicon.load_vocabulary()
+    assert all(entry.concreteness >= 1.0 for entry in vocabulary.by_lemma.values())
+    assert ("NOUN", "cat") in vocabulary.by_lemma and ("ADJ", "red") in vocabulary.by_lemma
+
+
+# ------------------------------------------------------------------------------------------- operations
+def test_swap_objects(plant):
+    found = plant.candidates("A woman prepares a pizza while a man watches.")
+    assert "A man prepares a pizza while a woman watches." in texts(found, "swap_objects")
+
+
+def test_swaps_keep_number_and_casing(plant):
+    found = plant.candidates("People and their stuff on a little boat in the ocean")
+    assert "A little boat and their stuff on people in the ocean" in texts(found, "swap_objects")
+
+
+def test_swap_attributes(plant):
+    found = plant.candidates("Blue bathroom with two white towels hanging by the shower.")
+    assert "White bathroom with two blue towels hanging by the shower." in texts(found, "swap_attributes")
+    found = plant.candidates("A black and white cat laying down in dead leaves.")
+    assert "A dead cat laying down in black and white leaves." in texts(found, "swap_attributes")
+
+
+def test_no_symmetric_object_swap(plant):
+    # "a cat and a dog" -> "a dog and a cat" says the same thing: never a negative.
+    found = plant.candidates("A cat and a dog.")
+    assert "A dog and a cat." not in texts(found)
+
+
+def test_change_count_agrees(plant):
+    found = texts(plant.candidates("A dog is sitting on a couch."), "change_count")
+    assert any(re.fullmatch(r"(Two|Three|Four|Five|Six) dogs are sitting on a couch\.", t) for t in found), found
+    found = texts(plant.candidates("Two dogs playing in the snow."), "change_count")
+    assert found and all(re.fullmatch(r"(Three|Four|Five|Six) dogs playing in the snow\.", t) for t in found)
+
+
+def test_replace_object_same_category_number_and_span(plant):
+    caption = "Two dogs playing in the snow."
+    objects = [n for n in plant.candidates(caption) if n.kind == "replace_object" and n.span == (4, 8)]
+    assert objects
+    animals = {lexicon.pluralize(a) for a in V.NOUN_CATEGORIES["animal"]} - {"dogs", "puppies"}
+    for negative in objects:
+        new_word = negative.text.split()[1]
+        assert new_word in animals, negative.text
+
+
+def test_replace_attribute_relation_and_articles(plant):
+    seen_kinds = set()
+    for seed in range(12):
+        generator = ConcretePlant(seed=seed)
+        generator._nlp = plant.nlp  # share the loaded pipeline
+        for negative in generator.candidates("A red apple is sitting under a wooden table."):
+            seen_kinds.add(negative.kind)
+            assert _article_ok(negative.text), negative.text
+            if negative.kind == "replace_attribute" and negative.span == (2, 5):  # "red"
+                colour = negative.text.split()[1]
+                assert colour in V.ATTRIBUTE_CATEGORIES["colour"] and colour != "red", negative.text
+            if negative.kind == "replace_relation" and negative.span == (24, 29):  # "under"
+                preposition = negative.text[24:].split(" a wooden")[0]
+                assert preposition not in {"under", "beneath", "below", "underneath"}, negative.text
+    assert {"replace_object", "replace_attribute", "replace_relation", "change_count", "swap_objects"} <= seen_kinds
+
+
+def test_verb_relation_keeps_tense(plant):
+    found = [n for n in plant.candidates("A man riding a horse.") if n.kind == "replace_relation"]
+    assert found and all(re.fullmatch(r"A man \w+ing a horse\.", n.text) for n in found), found
+
+
+def test_candidate_fields(plant):
+    caption = "A brown dog sleeping on a green couch next to two cats."
+    found = plant.candidates(caption)
+    assert len(found) >= 8
+    for negative in found:
+        assert isinstance(negative, HardNegative) and negative.kind in HARD_NEGATIVE_KINDS
+        assert 0.0 <= negative.score <= 1.0 and negative.text != caption
+        start, end = negative.span
+        assert 0 <= start < end <= len(caption)
+
+
+def test_kinds_filter_and_weights(plant):
+    generator = ConcretePlant(kinds="swap_objects,replace_object")
+    generator._nlp = plant.nlp
+    result = generator.plant(["A dog chasing a cat across a green field."], ["k"])[0]
+    assert result and {n.kind for n in result} <= {"swap_objects", "replace_object"}
+    weighted = ConcretePlant(kind_weights={"replace_object": 0.0, "swap_objects": 0.0})
+    weighted._nlp = plant.nlp
+    result = weighted.plant(CAPTIONS, [str(i) for i in range(len(CAPTIONS))])
+    assert all(n.kind not in {"replace_object", "swap_objects"} for negatives in result for n in negatives)
+    with pytest.raises(ValueError, match="--hn-kinds"):
+        ConcretePlant(kinds="rhyme")
+    with pytest.raises(ValueError, match="kind_weights"):
+        ConcretePlant(kind_weights={"rhyme": 1.0})
+
+
+def test_create_from_args():
+    generator = create_from_args(argparse.Namespace(hn_num=2, hn_seed=7, hn_kinds="swap_objects", hn_spacy_model=None))
+    assert (generator.num_negatives, generator.seed, generator.kinds) == (2, 7, frozenset({"swap_objects"}))
+    generator = create_from_args(argparse.Namespace(hn_num=4))  # the other flags may be missing
+    assert (generator.num_negatives, generator.seed, generator.kinds) == (4, 0, None)
+    generator = create_from_args(argparse.Namespace(hn_num=3, hn_kind_weights="swap_objects=2, change_count=0"))
+    assert generator.kind_weights["swap_objects"] == 2.0 and generator.kind_weights["change_count"] == 0.0
+    assert generator.kind_weights["replace_object"] == 1.0
+    with pytest.raises(ValueError, match="--hn-kind-weights"):
+        create_from_args(argparse.Namespace(hn_num=3, hn_kind_weights="swap_objects"))
+
+
+# ------------------------------------------------------------------------------------------- plant()
+CAPTIONS = [
+    "A man riding a horse on the beach.",
+    "Two cats sleeping on a red couch.",
+    "A woman holding an umbrella next to a yellow taxi.",
+    "A plate of pizza and a glass of wine on a wooden table.",
+    "Three children playing soccer in a park.",
+    "A kitchen with white cabinets and a steel refrigerator.",
+]
+
+
+def test_plant_distinct_k_and_deterministic_across_batches(plant):
+    keys = [f"key{i}" for i in range(len(CAPTIONS))]
+    together = plant.plant(CAPTIONS, keys)
+    for caption, negatives in zip(CAPTIONS, together, strict=True):
+        assert len(negatives) == 3 and len(texts(negatives)) == 3 and caption not in texts(negatives)
+    # Same (seed, key) -> same negatives, whatever else is in the batch and in which order.
+    alone = [plant.plant([c], [k])[0] for c, k in zip(CAPTIONS, keys, strict=True)]
+    reversed_ = plant.plant(CAPTIONS[::-1], keys[::-1])[::-1]
+    mixed = plant.plant(["A cat.", *CAPTIONS[3:], "", *CAPTIONS[:3]], ["x", *keys[3:], "y", *keys[:3]])
+    assert together == alone == reversed_ == [*mixed[5:], *mixed[1:4]]
+    # A fresh object (as in another DataLoader worker) agrees; another seed or key differs.
+    fresh = ConcretePlant(seed=0)
+    fresh._nlp = plant.nlp
+    assert fresh.plant(CAPTIONS, keys) == together
+    other = ConcretePlant(seed=1)
+    other._nlp = plant.nlp
+    assert other.plant(CAPTIONS, keys) != together
+    assert plant.plant(CAPTIONS, [k + "!" for k in keys]) != together
+
+
+def test_pickles_without_the_pipeline(plant):
+    assert plant._nlp is not None
+    blob = pickle.dumps(plant)
+    assert len(blob) < 10_000  # no spaCy pipeline inside
+    clone = pickle.loads(blob)
+    assert clone._nlp is None and clone.stats == plant.stats
+    clone._nlp = plant.nlp  # what the lazy load would give in a worker, without paying for it again here
+    assert clone.plant(CAPTIONS[:2], ["a", "b"]) == plant.plant(CAPTIONS[:2], ["a", "b"])
+
+
+BAD_INPUTS = [
+    None,
+    b"a dog on a red couch",
+    b"\xff\xfe\x00broken bytes",
+    "",
+    "   \n\t ",
+    "🐶🐱🚗",
+    "a\x00dog\x07on\x1ba couch\x7f",
+    "A dog on a red couch. " + "Hello " * 1700,  # over 10,000 characters
+    "<p>a <b>cat</b> on a <i>mat</i></p><script>alert(1)</script>",
+    "Ein Hund sitzt auf dem roten Sofa.",
+    "一只狗坐在红色的沙发上",
+    "of the and with",
+    "12345 !!! ???",
+    42,
+    "dog",
+]
+
+
+def test_bad_inputs_never_raise(plant):
+    generator = ConcretePlant(seed=3)
+    generator._nlp = plant.nlp
+    keys = [str(i) for i in range(len(BAD_INPUTS))]
+    results = generator.plant(BAD_INPUTS, keys)
+    assert len(results) == len(BAD_INPUTS)
+    for caption, negatives in zip(BAD_INPUTS, results, strict=True):
+        text = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption or "")
+        for negative in negatives:
+            assert negative.text.strip() and negative.text.strip() != text.strip()
+    assert results[0] == [] and results[3] == [] and results[4] == []
+    assert results[1], "bytes are decoded and planted"
+    assert len(results[7][0].text) > 10_000, "the unparsed tail of a long caption is kept"
+    stats = generator.stats
+    assert stats["captions"] == len(BAD_INPUTS) and stats["no_negative"] >= 4
+    assert sum(v for k, v in stats.items() if k.startswith("kind/")) == stats["negatives"]
+    assert generator.candidates(None) == [] and generator.plant([], []) == []
+
+
+# ------------------------------------------------------------------------------------------- offline tool
+def _write_shards(directory: Path, captions: list[str], num_shards: int) -> list[Path]:
+    import webdataset as wds
+
+    directory.mkdir(parents=True)
+    paths = []
+    per_shard = -(-len(captions) // num_shards)
+    for s in range(num_shards):
+        path = directory / f"part-{s:03d}.tar"
+        with wds.TarWriter(str(path)) as writer:
+            for i, caption in enumerate(captions[s * per_shard : (s + 1) * per_shard]):
+                sample = {"__key__": f"s{s}-{i:04d}", "jpg": f"image {s} {i}".encode(), "txt": caption}
+                if i == 0:
+                    sample["txt"] = "" if s == 0 else caption
+                writer.write(sample)
+        paths.append(path)
+    return paths
+
+
+def _digest(paths: list[Path]) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+def test_offline_round_trip_interrupt_and_resume(plant, tmp_path, monkeypatch, capsys):
+    import webdataset as wds
+
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(90)]
+    inputs = _write_shards(tmp_path / "in", captions, 3)
+    before = _digest(inputs)
+    out = tmp_path / "out"
+    monkeypatch.setattr(offline, "_init_worker", _init_sharing(plant))
+
+    # Interrupt while the second shard is being written.
+    calls = {"n": 0}
+    original = ConcretePlant.plant
+
+    def interrupted(self, batch, keys=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, keys)
+
+    monkeypatch.setattr(ConcretePlant, "plant", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        offline.main([str(tmp_path / "in" / "part-{000..002}.tar"), str(out), "--workers", "1", "--batch-size", "16",
+                      "--no-progress"])  # fmt: skip
+    assert (out / "part-000.tar").is_file() and (out / "part-000.tar.done.json").is_file()
+    assert not (out / "part-001.tar").exists() and not list(out.glob(".tmp-*")), "no partial shard left"
+    first_done = (out / "part-000.tar").stat().st_mtime_ns
+
+    # Resume: the finished shard is skipped, the rest is written; the input is never touched.
+    monkeypatch.setattr(ConcretePlant, "plant", original)
+    capsys.readouterr()
+    assert offline.main([str(tmp_path / "in"), str(out), "--workers", "1", "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert "2 written now, 1 already done, 0 failed" in summary and "samples: 90" in summary
+    assert (out / "part-000.tar").stat().st_mtime_ns == first_done
+    assert _digest(inputs) == before
+
+    # Read back: every sample with its original fields and up to K valid negatives.
+    samples = list(wds.WebDataset([str(out / f"part-{s:03d}.tar") for s in range(3)], shardshuffle=False))
+    originals = {s["__key__"]: s for s in wds.WebDataset([str(p) for p in inputs], shardshuffle=False)}
+    assert len(samples) == 90
+    for sample in samples:
+        original_sample = originals[sample["__key__"]]
+        assert sample["jpg"] == original_sample["jpg"] and sample["txt"] == original_sample["txt"]
+        negatives = [HardNegative.from_json(r) for r in json.loads(sample["hn.json"])]
+        caption = sample["txt"].decode()
+        assert len(negatives) <= 3 and all(n.text != caption for n in negatives)
+        assert len(negatives) == (0 if caption == "" else 3)
+    record = json.loads((out / "part-001.tar.done.json").read_text())
+    assert record["status"] == "done" and record["counts"]["samples"] == 30
+    assert json.loads((out / "summary.json").read_text())["counts"]["samples"] == 90
+
+    # Rerunning does nothing; a Slurm-style slice takes every T-th shard.
+    assert offline.main([str(tmp_path / "in"), str(out), "--no-progress"]) == 0
+    assert "0 written now, 3 already done" in capsys.readouterr().out
+    assert offline.task_slice(offline.expand_shards([str(tmp_path / "in" / "*.tar")]), 1, 2) == [inputs[1]]
+
+
+def _init_sharing(plant):
+    """``offline._init_worker`` that reuses the module's loaded pipeline (in-process runs only)."""
+    original = offline._init_worker
+
+    def init(options, queue):
+        original(options, queue)
+        offline._WORKER["plant"]._nlp = plant.nlp
+
+    return init
+
+
+def test_offline_identical_across_worker_counts(tmp_path):
+    """Two spawned worker processes write exactly what one in-process worker writes."""
+    inputs = _write_shards(tmp_path / "in", CAPTIONS * 4, 2)
+    assert offline.main([str(tmp_path / "in"), str(tmp_path / "one"), "--workers", "1", "--no-progress"]) == 0
+    assert offline.main([str(tmp_path / "in"), str(tmp_path / "two"), "--workers", "2", "--no-progress"]) == 0
+    for path in inputs:
+        assert (tmp_path / "one" / path.name).read_bytes() == (tmp_path / "two" / path.name).read_bytes()
+
+
+def test_offline_rejects_bad_arguments(tmp_path, capsys):
+    inputs = _write_shards(tmp_path / "in", CAPTIONS, 1)
+    assert offline.main([str(tmp_path / "missing-*.tar"), str(tmp_path / "out")]) == 2
+    assert offline.main([str(inputs[0]), str(tmp_path / "in")]) == 2  # would overwrite its input
+    with pytest.raises(SystemExit):
+        offline.main([str(inputs[0]), str(tmp_path / "out"), "--task-index", "2", "--num-tasks", "2"])
+    assert "--task-index must be in [0, --num-tasks=2)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- quality
+@pytest.mark.skipif(not SUGARCREPE.is_dir(), reason="SugarCrepe data not found")
+def test_sugarcrepe_figures_meet_targets(plant):
+    from slipform_plugin.concreteplant.evaluate import TARGETS, evaluate, load_sugarcrepe
+
+    report = evaluate(plant, load_sugarcrepe(SUGARCREPE, limit=150))
+    assert report["coverage_1"] >= TARGETS["coverage_1"]
+    assert report["coverage_k"] >= TARGETS["coverage_k"]
+    assert report["max_kind_share"] <= TARGETS["max_kind_share"]
+    assert report["mean_percentile"] >= TARGETS["mean_percentile"] > report["baseline_percentile"] + 0.1
+    recall = report["recall"]
+    assert recall["swap"]["recall"] >= TARGETS["swap_recall"]
+    assert recall["replace_obj"]["recall"] >= TARGETS["replace_obj"]
+    assert recall["replace_att"]["recall"] >= TARGETS["replace_att"]
+    assert recall["replace_rel"]["recall"] >= TARGETS["replace_rel"]
+
+
+def test_missing_spacy_model_is_reported_not_raised(tmp_path, capsys):
+    generator = ConcretePlant(spacy_model="no_such_spacy_model")
+    assert generator.plant(["A dog on a couch.", None], ["a", "b"]) == [[], []]
+    assert generator.stats["errors"] == 1 and generator.stats["no_negative"] == 2
+    inputs = _write_shards(tmp_path / "in", CAPTIONS, 1)
+    code = offline.main([str(inputs[0]), str(tmp_path / "out"), "--spacy-model", "no_such_spacy_model",
+                         "--workers", "1", "--no-progress"])  # fmt: skip
+    assert code == 1 and "FAILED" in capsys.readouterr().out
+    assert not (tmp_path / "out" / inputs[0].name).exists()
+
+
+@pytest.mark.skipif(not SUGARCREPE.is_dir(), reason="SugarCrepe data not found")
+def test_eval_plant_cli_writes_json(plant, tmp_path, capsys):
+    from slipform_plugin.cli import main as slipform
+
+    out = tmp_path / "report.json"
+    assert slipform(["eval-plant", "--sugarcrepe-dir", str(SUGARCREPE), "--limit", "10", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "coverage >=1 negative" in printed and "SugarCrepe recall" in printed
+    report = json.loads(out.read_text())
+    assert report["k"] == 3 and set(report["kind_shares"]) == set(HARD_NEGATIVE_KINDS)
