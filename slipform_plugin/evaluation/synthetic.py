@@ -1,0 +1,195 @@
+"""The synthetic compositional benchmark: test shards from ``slipform make-shards --split test``.
+
+Metrics (all from the test split's stored metadata):
+
+- ``hard``: image-to-text accuracy per hard-caption kind (the true caption scored strictly above that kind's
+  hard caption), on all items and separately on items with and without a held-out combination; ``all_kinds``
+  is the fraction of items whose true caption beats all six hard captions at once; attribute swap and replace
+  are also broken down by the attribute that changed (``by_attribute``). Attribute swap against
+  attribute replace is the bag-of-words test: a model that ignores binding does well on replace only.
+- ``retrieval``: image-to-text and text-to-image R@1 and R@5 over the test images and their true captions
+  (a retrieved caption or image counts when its caption text equals the query's, so duplicates are fair).
+- ``zero_shot``: shape and colour classification of the subject alone (its objects re-rendered from the stored
+  layout without the reference and distractors), with one class embedding per value: the mean embedding of
+  the noun phrases "a <size> <colour> <material> <texture> <shape>" over all values of the other attributes.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slipform_plugin.evaluation.core import ChoiceItem, Encoder, LazyImage, accuracy_by_group, choice_correct
+from slipform_plugin.synthetic.scene import COLOURS, HARD_KINDS, MATERIALS, SHAPES, SIZES, TEXTURES, Placed
+
+_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+def shard_paths(source: str | Path) -> list[Path]:
+    """The tar files named by ``source``: a directory (its ``*.tar``), one tar, a brace pattern or a glob."""
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        paths = sorted(path.glob("*.tar"))
+    elif path.is_file():
+        paths = [path]
+    else:
+        import braceexpand
+
+        paths = sorted({Path(p) for pattern in braceexpand.braceexpand(text) for p in glob.glob(pattern)})
+    if not paths:
+        raise FileNotFoundError(f"--synthetic: no shards found at {text!r} (expected a directory, tar or pattern)")
+    return paths
+
+
+def read_samples(source: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Samples ``{"key", "image_bytes", "caption", "meta"}`` from test shards, in shard order."""
+    samples: list[dict[str, Any]] = []
+    for path in shard_paths(source):
+        grouped: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    data = tar.extractfile(member)
+                    grouped.setdefault(key, {})[ext.lower()] = data.read() if data else b""
+        except tarfile.TarError as err:
+            raise ValueError(f"--synthetic: {path} is not a readable tar file ({err})") from err
+        for key, parts in grouped.items():
+            image_ext = next((e for e in _IMAGE_EXTS if e in parts), None)
+            if image_ext is None or "json" not in parts:
+                raise ValueError(f"--synthetic: sample {key!r} in {path.name} lacks an image or its .json metadata")
+            meta = json.loads(parts["json"])
+            if "hard" not in meta or "scene" not in meta:
+                raise ValueError(
+                    f"--synthetic: sample {key!r} in {path.name} has no hard captions; "
+                    "write the benchmark with `slipform make-shards OUT --split test`"
+                )
+            samples.append({"key": key, "image_bytes": parts[image_ext], "caption": meta["caption"], "meta": meta})
+            if limit is not None and len(samples) >= limit:
+                return samples
+    return samples
+
+
+def _decoder(data: bytes):
+    def load():
+        from PIL import Image
+
+        return Image.open(io.BytesIO(data))
+
+    return load
+
+
+def _subject_render(meta: dict[str, Any], image_size: int):
+    def load():
+        from PIL import Image
+
+        from slipform_plugin.synthetic.render import render_objects
+
+        objects = [Placed(**o) for o in meta["scene"]["objects"] if o["role"] == "subject"]
+        return Image.fromarray(render_objects(objects, image_size), "RGB")
+
+    return load
+
+
+def _class_embeddings(encoder: Encoder, attribute: str) -> tuple[list[str], Any]:
+    """``(values, [len(values), D])``: per value, the normalised mean embedding of its noun phrases."""
+    import torch
+
+    values = {"shape": SHAPES, "colour": tuple(COLOURS)}[attribute]
+    embeddings = []
+    for value in values:
+        phrases = []
+        for size, colour, material, texture, shape in itertools.product(
+            SIZES, COLOURS if attribute != "colour" else (value,), MATERIALS, TEXTURES,
+            SHAPES if attribute != "shape" else (value,),
+        ):  # fmt: skip
+            article = "an" if size[0] in "aeiou" else "a"
+            phrases.append(f"{article} {size} {colour} {material} {texture} {shape}")
+        mean = encoder.texts(phrases).mean(0)
+        embeddings.append(mean / mean.norm())
+    return list(values), torch.stack(embeddings)
+
+
+def _recall(sims: np.ndarray, query_labels: list[str], target_labels: list[str], ks: Iterable[int]) -> dict:
+    order = np.argsort(-sims, axis=1)
+    targets = np.asarray(target_labels)
+    hits = targets[order] == np.asarray(query_labels)[:, None]
+    return {f"R@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def evaluate_synthetic(encoder: Encoder, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """All synthetic metrics (see the module docstring) for samples from :func:`read_samples`."""
+    if not samples:
+        raise ValueError("--synthetic: no samples to evaluate")
+    images = [LazyImage(("synthetic", s["key"]), _decoder(s["image_bytes"])) for s in samples]
+    heldout = np.array([bool(s["meta"]["scene"]["heldout"]) for s in samples])
+
+    hard: dict[str, Any] = {}
+    all_correct = np.ones(len(samples), dtype=bool)
+    for kind in HARD_KINDS:
+        items = [
+            ChoiceItem(img, [s["caption"], s["meta"]["hard"][kind]["caption"]], kind) for img, s in zip(images, samples)
+        ]
+        correct = choice_correct(encoder, items)
+        all_correct &= correct
+        hard[kind] = {
+            "accuracy": float(correct.mean()),
+            "accuracy_seen": float(correct[~heldout].mean()) if (~heldout).any() else None,
+            "accuracy_heldout": float(correct[heldout].mean()) if heldout.any() else None,
+            "n": len(items),
+        }
+        if kind in ("attribute_swap", "attribute_replace"):  # which attribute changed: colour, size, ...
+            changed = [s["meta"]["hard"][kind]["attribute"] for s in samples]
+            hard[kind]["by_attribute"] = accuracy_by_group(correct, changed)
+    hard["all_kinds"] = {
+        "accuracy": float(all_correct.mean()),
+        "accuracy_seen": float(all_correct[~heldout].mean()) if (~heldout).any() else None,
+        "accuracy_heldout": float(all_correct[heldout].mean()) if heldout.any() else None,
+        "n": len(samples),
+    }
+
+    image_feats = encoder.images(images).numpy()
+    captions = [s["caption"] for s in samples]
+    text_feats = encoder.texts(captions).numpy()
+    sims = image_feats @ text_feats.T
+    retrieval = {
+        "image_to_text": _recall(sims, captions, captions, (1, 5)),
+        "text_to_image": _recall(sims.T, captions, captions, (1, 5)),
+        "n": len(samples),
+    }
+
+    zero_shot = {}
+    size = _image_size(samples[0])
+    subject_images = [LazyImage(("subject", s["key"]), _subject_render(s["meta"], size)) for s in samples]
+    subject_feats = encoder.images(subject_images).numpy()
+    for attribute in ("shape", "colour"):
+        values, class_feats = _class_embeddings(encoder, attribute)
+        predicted = np.argmax(subject_feats @ class_feats.numpy().T, axis=1)
+        truth = np.array([values.index(s["meta"]["scene"]["subject"][attribute]) for s in samples])
+        zero_shot[attribute] = {"accuracy": float((predicted == truth).mean()), "classes": len(values)}
+    zero_shot["n"] = len(samples)
+    return {
+        "hard": hard,
+        "retrieval": retrieval,
+        "zero_shot": zero_shot,
+        "n": len(samples),
+        "n_heldout": int(heldout.sum()),
+    }
+
+
+def _image_size(sample: dict[str, Any]) -> int:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(sample["image_bytes"])) as img:
+        return int(img.size[0])
