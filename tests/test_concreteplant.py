@@ -400,3 +400,19 @@ def test_eval_plant_cli_writes_json(plant, tmp_path, capsys):
     assert "coverage >=1 negative" in printed and "SugarCrepe recall" in printed
     report = json.loads(out.read_text())
     assert report["k"] == 3 and set(report["kind_shares"]) == set(HARD_NEGATIVE_KINDS)
+
+
+def test_numpy_matmul_ops_give_spacys_tags(plant, monkeypatch):
+    """The faster numpy-matmul gemm tags exactly as spaCy's own (BLIS) ops do."""
+    from slipform_plugin.concreteplant import parsing
+
+    assert any(type(node.ops).__name__ == "MatmulOps" for node in plant.nlp.get_pipe("tagger").model.walk())
+    monkeypatch.setenv("SLIPFORM_SPACY_BLIS", "1")
+    reference = parsing.load_nlp.__wrapped__(None)  # uncached load with spaCy's own ops
+    assert all(type(node.ops).__name__ != "MatmulOps" for node in reference.get_pipe("tagger").model.walk())
+    captions = [*CAPTIONS, *(str(c) for c in BAD_INPUTS if isinstance(c, str))]
+    if SUGARCREPE.is_dir():
+        records = json.loads((SUGARCREPE / "replace_rel.json").read_text())
+        captions += [r["caption"] for r in list(records.values())[:300]]
+    fast = [[t.tag for t in toks] for toks in parsing.parse(plant.nlp, captions)]
+    assert fast == [[t.tag for t in toks] for toks in parsing.parse(reference, captions)]
