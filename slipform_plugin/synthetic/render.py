@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from slipform_plugin.synthetic.scene import COLOURS, Placed, Scene
 
 _DARK = 0.3  # brightness of the pattern's dark parts relative to the base colour
+TEXTURE_PERIOD_FRACTION = 1 / 16  # stripe/dot period as a fraction of the image side (at least 4 pixels)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -127,7 +128,7 @@ def _draw_object(canvas: np.ndarray, obj: Placed, period: int) -> None:
 def render_objects(objects: Sequence[Placed], image_size: int, background: int = 30) -> np.ndarray:
     """``uint8 [image_size, image_size, 3]`` rendering of placed objects, in order, on a dark grey background."""
     canvas = np.full((image_size, image_size, 3), float(background), dtype=np.float32)
-    period = max(4, round(image_size / 16))
+    period = max(4, round(image_size * TEXTURE_PERIOD_FRACTION))
     for obj in objects:
         _draw_object(canvas, obj, period)
     return canvas.astype(np.uint8)

@@ -45,6 +45,8 @@ RELATIONS: dict[str, str] = {
     "below": "above",
 }
 COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
+#: object radius as a fraction of the image side, per size word
+RADIUS_FRACTION: dict[str, float] = {"small": 0.075, "large": 0.125}
 MAX_COUNT = 3
 #: the attributes a caption states for every group, in caption order (the shape comes last)
 ATTRIBUTES: tuple[str, ...] = ("size", "colour", "material", "texture")
@@ -301,7 +303,7 @@ def layout_scene(scene: Scene, rng: random.Random, image_size: int) -> Scene:
     attempts fail (rare: callers sample a new scene).
     """
     size = float(image_size)
-    radius = {"small": 0.075 * size, "large": 0.125 * size}
+    radius = {name: fraction * size for name, fraction in RADIUS_FRACTION.items()}
     horizontal = rel_is_horizontal(scene.relation)
     subject_first = scene.relation in ("to the left of", "above")
     for _ in range(100):
