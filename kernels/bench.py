@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--impls", default="auto", help=f"comma-separated subset of {','.join(ALL_IMPLS)} (auto: all that can run)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward calls per point")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward calls per point and round")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the whole sweep, interleaving implementations in time"
+    )
     parser.add_argument("--warmup-max", type=int, default=16384, help="no warm-up call above this N")
     parser.add_argument("--scale", type=float, default=50.0, help="logit scale s")
     parser.add_argument("--margins", action="store_true", help="Cement margins on (mu_b = 0.2) for our paths")
@@ -252,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(raw_argv)
     if args.worker:
         return _worker(args)
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats: expected >= 1, got {args.repeats}")
+    if args.repeats < 1 or args.rounds < 1:
+        raise SystemExit(f"--repeats/--rounds: expected >= 1, got {args.repeats}/{args.rounds}")
     device = args.device
     if device == "auto":
         import torch
@@ -264,44 +267,71 @@ def main(argv: list[str] | None = None) -> int:
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     args.out.mkdir(parents=True, exist_ok=True)
 
-    matmul_before = _run_child(args, {"impl": "matmul", "n": 0, "device": device}, raw_argv)
-    print(f"{args.dtype} matmul rate before the sweep: {matmul_before.get('gflops', float('nan')):.1f} GFLOP/s")
-    rows: list[dict] = []
-    failures = 0
-    header = f"{'impl':<10}{'N':>8}{'peak MiB':>12}{'median s':>11}{'GFLOP/s':>10}  note"
+    # Rounds interleave the implementations in time, so that a load change on a shared machine hits all alike;
+    # the matmul rate is measured before the first round and after every round.
+    rates = []
+    matmul = _run_child(args, {"impl": "matmul", "n": 0, "device": device}, raw_argv)
+    rates += [matmul["gflops"]] if "gflops" in matmul else []
+    print(f"{args.dtype} matmul rate: {matmul.get('gflops', float('nan')):.1f} GFLOP/s")
+    results: dict[tuple[str, int], list[dict]] = {}
+    header = f"{'round':<6}{'impl':<10}{'N':>8}{'peak MiB':>12}{'median s':>11}{'GFLOP/s':>10}  note"
     print(header)
     print("-" * len(header))
+    for round_index in range(args.rounds):
+        for num in args.sizes:
+            for impl in impls:
+                estimate = _estimate_bytes(impl, num, args.dim, itemsize)
+                if estimate > budget:
+                    result = {
+                        "error": f"skipped: estimated {estimate / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
+                    }
+                else:
+                    result = _run_child(args, {"impl": impl, "n": num, "device": device}, raw_argv)
+                results.setdefault((impl, num), []).append(result)
+                if "error" in result:
+                    print(f"{round_index:<6}{impl:<10}{num:>8}{'-':>12}{'-':>11}{'-':>10}  {result['error']}")
+                else:
+                    gflops = 8.0 * num * num * args.dim / result["seconds"] / 1e9
+                    peak = result["peak_bytes"] / 2**20
+                    print(f"{round_index:<6}{impl:<10}{num:>8}{peak:>12.1f}{result['seconds']:>11.3f}{gflops:>10.1f}")
+                sys.stdout.flush()
+        matmul = _run_child(args, {"impl": "matmul", "n": 0, "device": device}, raw_argv)
+        rates += [matmul["gflops"]] if "gflops" in matmul else []
+        print(f"{args.dtype} matmul rate after round {round_index}: {matmul.get('gflops', float('nan')):.1f} GFLOP/s")
+    matmul_rate = statistics.median(rates) if rates else float("nan")
+    rows: list[dict] = []
+    failures = 0
     for num in args.sizes:
         for impl in impls:
             row = {"impl": impl, "n": num, "dim": args.dim, "dtype": args.dtype, "device": device}
-            estimate = _estimate_bytes(impl, num, args.dim, itemsize)
-            if estimate > budget:
-                result = {"error": f"skipped: estimated {estimate / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"}
-            else:
-                result = _run_child(args, {"impl": impl, "n": num, "device": device}, raw_argv)
-            if "error" in result:
-                failures += not result["error"].startswith("skipped")
-                row.update(peak_mib="", seconds="", gflops="", all_seconds="", note=result["error"])
-                print(f"{impl:<10}{num:>8}{'-':>12}{'-':>11}{'-':>10}  {result['error']}")
-            else:
-                gflops = 8.0 * num * num * args.dim / result["seconds"] / 1e9
+            good = [result for result in results[(impl, num)] if "error" not in result]
+            errors = [result["error"] for result in results[(impl, num)] if "error" in result]
+            failures += sum(not error.startswith("skipped") for error in errors)
+            if good:
+                calls = [value for result in good for value in result["all_seconds"]]
+                seconds = statistics.median(calls)
+                gflops = 8.0 * num * num * args.dim / seconds / 1e9
                 row.update(
-                    peak_mib=round(result["peak_bytes"] / 2**20, 1),
-                    seconds=round(result["seconds"], 4),
+                    peak_mib=round(max(result["peak_bytes"] for result in good) / 2**20, 1),
+                    seconds=round(seconds, 4),
                     gflops=round(gflops, 3),
-                    all_seconds=" ".join(f"{value:.3f}" for value in result["all_seconds"]),
-                    note="",
+                    all_seconds=" ".join(f"{value:.3f}" for value in calls),
+                    note="; ".join(dict.fromkeys(errors)),
                 )
-                print(f"{impl:<10}{num:>8}{row['peak_mib']:>12.1f}{row['seconds']:>11.3f}{gflops:>10.1f}")
+            else:
+                row.update(peak_mib="", seconds="", gflops="", all_seconds="", note="; ".join(dict.fromkeys(errors)))
+            row["matmul_gflops"] = round(matmul_rate, 3)
+            row["fraction_of_matmul"] = round(row["gflops"] / matmul_rate, 3) if row["gflops"] != "" else ""
             rows.append(row)
-            sys.stdout.flush()
-    matmul_after = _run_child(args, {"impl": "matmul", "n": 0, "device": device}, raw_argv)
-    rates = [value["gflops"] for value in (matmul_before, matmul_after) if "gflops" in value]
-    print(f"{args.dtype} matmul rate after the sweep: {matmul_after.get('gflops', float('nan')):.1f} GFLOP/s")
-    matmul_rate = statistics.mean(rates) if rates else float("nan")
+    print(f"\nall rounds: {args.dtype} matmul rates {', '.join(f'{rate:.1f}' for rate in rates)} GFLOP/s")
+    print(f"{'impl':<10}{'N':>8}{'peak MiB':>12}{'median s':>11}{'GFLOP/s':>10}  note")
     for row in rows:
-        row["matmul_gflops"] = round(matmul_rate, 3)
-        row["fraction_of_matmul"] = round(row["gflops"] / matmul_rate, 3) if row["gflops"] != "" else ""
+        if row["seconds"] == "":
+            print(f"{row['impl']:<10}{row['n']:>8}{'-':>12}{'-':>11}{'-':>10}  {row['note']}")
+        else:
+            print(
+                f"{row['impl']:<10}{row['n']:>8}{row['peak_mib']:>12.1f}{row['seconds']:>11.3f}{row['gflops']:>10.1f}"
+            )
     _summarise(rows, matmul_rate)
 
     csv_path = args.out / "bench_loss.csv"
@@ -318,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 def _summarise(rows: list[dict], matmul_rate: float) -> None:
     """Ratios against ClipLoss at each N where both ran, and each path's share of the matmul rate."""
     by_key = {(row["impl"], row["n"]): row for row in rows if row["seconds"] != ""}
-    print(f"\nmean matmul rate {matmul_rate:.1f} GFLOP/s; ratios against clip (memory, time) and share of matmul rate:")
+    print(f"\nmedian matmul rate {matmul_rate:.1f} GFLOP/s; ratios against clip (memory, time), share of matmul:")
     for (impl, num), row in sorted(by_key.items(), key=lambda item: (item[0][1], item[0][0])):
         clip = by_key.get(("clip", num))
         ratio = ""

@@ -211,7 +211,8 @@ class TiledLSE(torch.autograd.Function):
             grad_a.addcmul_(weight, b[diagonal])
             grad_b[diagonal].addcmul_(weight * s, a)
         # dL/ds = sum_ij G_ij S_ij = sum_i a_i . (G b)_i, before the factor s is applied to grad_a.
-        grad_scale = (a * grad_a).sum() * sign if ctx.needs_input_grad[2] else None
+        # (a flat dot product: no [P, D] temporary)
+        grad_scale = torch.dot(a.reshape(-1), grad_a.reshape(-1)) * sign if ctx.needs_input_grad[2] else None
         grad_a.mul_(s * sign)
         if sign < 0:
             grad_b.neg_()

@@ -306,7 +306,7 @@ class TritonLSE(torch.autograd.Function):
             BLOCK_M=block_m, USE_MARGIN=margin_batch != 0.0, WANT_COLS=want_cols, UPCAST=_upcast(a),
             DOT_PRECISION=_dot_precision(a),
         )  # fmt: skip
-        grad_scale = (a.float() * grad_a).sum() * sign if ctx.needs_input_grad[2] else None
+        grad_scale = torch.dot(a.float().reshape(-1), grad_a.reshape(-1)) * sign if ctx.needs_input_grad[2] else None
         factor = s * sign
         grad_a = (grad_a * factor).to(a.dtype)
         grad_b = (grad_b * factor).to(b.dtype)

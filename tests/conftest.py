@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# Triton reads TRITON_INTERPRET when its kernels are first decorated: on a machine without an NVIDIA GPU the
+# kernels can only run in the interpreter, so set it before any test module imports them.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PYTHON = sys.executable

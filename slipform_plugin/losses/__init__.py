@@ -46,7 +46,12 @@ def _gather(tensor: Tensor, with_grad: bool, replace_local: bool, rank: int, wor
     import torch.distributed.nn
 
     if with_grad:
-        return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
+        from slipform_plugin.kernels.chunked import ContiguousGrad
+
+        # torch's gloo all_gather backward scatters contiguous bytes into empty_like(grad): a non-contiguous
+        # gradient would come back scrambled, so the gathered parts hand on contiguous gradients.
+        parts = torch.distributed.nn.all_gather(tensor)
+        return torch.cat([ContiguousGrad.apply(part) for part in parts], dim=0)
     parts = [torch.zeros_like(tensor) for _ in range(world_size)]
     dist.all_gather(parts, tensor.contiguous())
     if replace_local:
@@ -165,8 +170,7 @@ class CementLoss(nn.Module):
 
         local_start = 0
         if self.world_size > 1:
-            # One all-gather for every feature tensor: a single collective in forward and in backward (separate
-            # autograd all-gathers can meet each other's backward collectives in a different order on each rank).
+            # One all-gather for every feature tensor: a single collective in forward and in backward.
             gather_hard = not self.local_loss and hn_text_features is not None
             parts = [image_features, text_features]
             if gather_hard:
