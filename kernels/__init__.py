@@ -109,7 +109,8 @@ def cement_loss(
             exactly: the fast paths do not compute with it, and its gradient is 0 (kept in the graph).
         local_start, local_size: the ``B`` local rows/columns inside the ``M`` gathered ones (default: all).
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
-        check_finite: raise on NaN/Inf features (one reduction per tensor; turn off for speed).
+        check_finite: raise on NaN/Inf features and on ``hn_scores`` outside [0, 1] (one reduction per
+            tensor; turn off for speed).
     Returns:
         Scalar fp32 loss ``(sum of local row CEs + sum of local column CEs) / (2B)``.
     """
@@ -126,13 +127,57 @@ def cement_loss(
         local_size=local_size,
         check_finite=check_finite,
     )
+    return cement_loss_unchecked(
+        image_features,
+        text_features,
+        checked.scale,
+        hn_text_features,
+        hn_scores,
+        hn_mask,
+        margin_hard=margin_hard,
+        margin_batch=margin_batch,
+        difficulty_offset=difficulty_offset,
+        difficulty_temperature=difficulty_temperature,
+        logit_bias=logit_bias,
+        local_start=checked.local_start,
+        local_size=checked.local_size,
+        impl=impl,
+    )
+
+
+def cement_loss_unchecked(
+    image_features: Tensor,
+    text_features: Tensor,
+    scale: Tensor,
+    hn_text_features: Tensor | None,
+    hn_scores: Tensor | None,
+    hn_mask: Tensor | None,
+    *,
+    margin_hard: float,
+    margin_batch: float,
+    difficulty_offset: float,
+    difficulty_temperature: float,
+    logit_bias: Tensor | float | None,
+    local_start: int,
+    local_size: int,
+    impl: str,
+) -> Tensor:
+    """:func:`cement_loss` without its input checks, for callers that ran :func:`validate_inputs` themselves.
+
+    ``CementLoss`` validates its local tensors once, gathers them across ranks and calls this on the gathered
+    ones. Arguments as in :func:`cement_loss`, except ``scale``: the fp32 0-dim tensor of
+    ``CheckedInputs.scale``, and ``local_size``: required. Shapes: image/text ``[M, D]``, hard negatives
+    ``[B, K, D]``, scores and mask ``[B, K]``.
+    Returns:
+        Scalar fp32 loss.
+    """
     chosen = resolve_impl(impl, image_features.device)
     options = {
         "margin_hard": float(margin_hard),
         "margin_batch": float(margin_batch),
         "difficulty_offset": float(difficulty_offset),
         "difficulty_temperature": float(difficulty_temperature),
-        "local_start": checked.local_start,
+        "local_start": local_start,
     }
     if chosen == "reference":
         from slipform_plugin.losses.reference import cement_loss_reference
@@ -140,12 +185,12 @@ def cement_loss(
         return cement_loss_reference(
             image_features,
             text_features,
-            logit_scale,
+            scale,
             hn_text_features,
             hn_scores,
             hn_mask,
             logit_bias=logit_bias,
-            local_size=checked.local_size,
+            local_size=local_size,
             **options,
         )
     if chosen == "triton":
@@ -154,11 +199,11 @@ def cement_loss(
         loss = cement_loss_triton(
             image_features,
             text_features,
-            checked.scale,
+            scale,
             hn_text_features,
             hn_scores,
             hn_mask,
-            local_size=checked.local_size,
+            local_size=local_size,
             **options,
         )
     else:
@@ -167,11 +212,11 @@ def cement_loss(
         loss = cement_loss_chunked(
             image_features,
             text_features,
-            checked.scale,
+            scale,
             hn_text_features,
             hn_scores,
             hn_mask,
-            local_size=checked.local_size,
+            local_size=local_size,
             **options,
         )
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
@@ -180,4 +225,4 @@ def cement_loss(
     return loss
 
 
-__all__ = ["IMPLS", "available_impls", "cement_loss", "resolve_impl"]
+__all__ = ["IMPLS", "available_impls", "cement_loss", "cement_loss_unchecked", "resolve_impl", "validate_inputs"]

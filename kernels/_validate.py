@@ -1,7 +1,9 @@
 """Input checks shared by every implementation of :func:`slipform_plugin.kernels.cement_loss`.
 
 Every problem raises ``ValueError`` (or ``TypeError`` for a wrong type) with an "expected ..., got ..." message
-that names the argument; nothing here uses ``assert``.
+that names the argument; nothing here uses ``assert``. ``CementLoss`` runs the same checks on its local tensors
+(messages prefixed with ``"CementLoss: "``) and then calls :func:`slipform_plugin.kernels.cement_loss_unchecked`,
+so every input is checked once.
 """
 
 from __future__ import annotations
@@ -63,17 +65,55 @@ def validate_inputs(
     local_start: int,
     local_size: int | None,
     check_finite: bool,
+    caller: str | None = None,
 ) -> CheckedInputs:
     """Check shapes, dtypes, devices and values of :func:`cement_loss`'s arguments.
 
     Args:
         image_features: ``[M, D]``; text_features: ``[M, D]``; hn_text_features: ``[B, K, D]`` or None;
         hn_scores: ``[B, K]`` or None; hn_mask: ``[B, K]`` bool or None; the rest as in ``cement_loss``.
+        check_finite: also check values: features finite, ``hn_scores`` finite and in [0, 1] (one reduction
+            per tensor and a host sync).
+        caller: prefix of every message (``"CementLoss"`` gives ``"CementLoss: image_features: expected ..."``).
     Returns:
         The derived sizes and the scale as an fp32 0-dim tensor.
     Raises:
         TypeError, ValueError: with a message naming the argument, what was expected and what was given.
     """
+    try:
+        return _validate(
+            image_features,
+            text_features,
+            logit_scale,
+            hn_text_features,
+            hn_scores,
+            hn_mask,
+            difficulty_temperature=difficulty_temperature,
+            logit_bias=logit_bias,
+            local_start=local_start,
+            local_size=local_size,
+            check_finite=check_finite,
+        )
+    except (TypeError, ValueError) as error:
+        if caller is None:
+            raise
+        raise type(error)(f"{caller}: {error}") from None
+
+
+def _validate(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    hn_text_features: Tensor | None,
+    hn_scores: Tensor | None,
+    hn_mask: Tensor | None,
+    *,
+    difficulty_temperature: float,
+    logit_bias: Tensor | float | None,
+    local_start: int,
+    local_size: int | None,
+    check_finite: bool,
+) -> CheckedInputs:
     image = _check_tensor("image_features", image_features)
     text = _check_tensor("text_features", text_features)
     for name, tensor in (("image_features", image), ("text_features", text)):
@@ -167,4 +207,9 @@ def validate_inputs(
             _check_finite("hn_text_features", hn_text_features)
         if hn_scores is not None:
             _check_finite("hn_scores", hn_scores)
+            if not bool(((hn_scores >= 0) & (hn_scores <= 1)).all()):
+                raise ValueError(
+                    f"hn_scores: expected values in [0, 1], got min {float(hn_scores.min())}, "
+                    f"max {float(hn_scores.max())} (pass check_finite=False to skip this check for speed)"
+                )
     return CheckedInputs(num_total, dim, local_start, size, num_hard, scale)

@@ -242,6 +242,12 @@ BAD_INPUTS = [
         ValueError,
         "hn_text_features",
     ),
+    (
+        "scores-range",
+        lambda i: i["hn_scores"].__setitem__((1, 0), 1.5),
+        ValueError,
+        r"hn_scores: expected values in \[0, 1\], got min .*, max 1.5",
+    ),
     ("mask-dtype", lambda i: i.update(hn_mask=i["hn_mask"].float()), ValueError, "hn_mask: expected dtype"),
     ("scale-zero", lambda i: i.update(logit_scale=torch.tensor(0.0)), ValueError, "logit_scale: expected"),
     ("scale-negative", lambda i: i.update(logit_scale=-2.0), ValueError, "logit_scale: expected"),

@@ -124,18 +124,39 @@ def test_hard_negative_accuracy_is_metered_not_returned():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda f, i, t, h: f(i[:0], t[:0], 10.0), "expected a non-empty batch"),
-        (lambda f, i, t, h: f(i, t[:3], 10.0), "must match"),
-        (lambda f, i, t, h: f(i, t.double(), 10.0), "must share device and dtype"),
-        (lambda f, i, t, h: f(i, t, -1.0), "logit_scale must be a positive scalar"),
-        (lambda f, i, t, h: f(i, t, 10.0, None, h[:, :, :3]), "expected hn_text_features of shape [4, K, 8]"),
+        (lambda f, i, t, h: f(i[:0], t[:0], 10.0), "CementLoss: image_features: expected a non-empty batch"),
+        (
+            lambda f, i, t, h: f(i, t[:3], 10.0),
+            "CementLoss: text_features: expected the shape of image_features (4, 8), got (3, 8)",
+        ),
+        (
+            lambda f, i, t, h: f(i, t.double(), 10.0),
+            "CementLoss: text_features: expected dtype torch.float32 like image_features, got torch.float64",
+        ),
+        (
+            lambda f, i, t, h: f(i, t, -1.0),
+            "CementLoss: logit_scale: expected a finite value > 0 (the exponentiated scale), got -1.0",
+        ),
+        (
+            lambda f, i, t, h: f(i, t, 10.0, None, h[:, :, :3]),
+            "CementLoss: hn_text_features: expected shape [B=4, K, D=8], got (4, 2, 3)",
+        ),
         (
             lambda f, i, t, h: f(i, t, 10.0, None, h, None, torch.ones(4, 1, dtype=torch.bool)),
-            "expected hn_mask of shape (4, 2)",
+            "CementLoss: hn_mask: expected shape [B=4, K=2], got (4, 1)",
         ),
-        (lambda f, i, t, h: f(i, t, 10.0, None, h, torch.full((4, 2), 2.0)), "expected hn_scores in [0, 1]"),
-        (lambda f, i, t, h: f(i * float("nan"), t, 10.0), "image_features contains NaN or Inf"),
-        (lambda f, i, t, h: f(i, t, 10.0, None, h * float("inf")), "hn_text_features contains NaN or Inf"),
+        (
+            lambda f, i, t, h: f(i, t, 10.0, None, h, torch.full((4, 2), 2.0)),
+            "CementLoss: hn_scores: expected values in [0, 1], got min 2.0, max 2.0",
+        ),
+        (
+            lambda f, i, t, h: f(i * float("nan"), t, 10.0),
+            "CementLoss: image_features: expected finite values, got NaN",
+        ),
+        (
+            lambda f, i, t, h: f(i, t, 10.0, None, h * float("inf")),
+            "CementLoss: hn_text_features: expected finite values, got Inf",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
@@ -143,6 +164,19 @@ def test_bad_input_gets_a_clear_error(call, message):
     with pytest.raises(ValueError, match=None) as raised:
         call(CementLoss(impl="reference"), image, text, hard)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_inputs_are_checked_once(impl, monkeypatch):
+    import slipform_plugin.kernels._validate as validate_module
+
+    calls = []
+    original = validate_module._validate
+    monkeypatch.setattr(validate_module, "_validate", lambda *a, **k: calls.append(k) or original(*a, **k))
+    image, text, hard, scores, mask = features(4, 8, negatives=2)
+    loss = CementLoss(impl=impl)(image, text, 10.0, None, hard, scores, mask)
+    assert torch.isfinite(loss)
+    assert len(calls) == 1 and calls[0]["check_finite"] is True
 
 
 def test_bad_settings_get_a_clear_error():

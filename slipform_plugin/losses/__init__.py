@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slipform_plugin.kernels import cement_loss_unchecked, validate_inputs
 from slipform_plugin.losses.reference import cement_loss_reference, hard_negative_accuracy
 
 __all__ = [
@@ -72,7 +73,8 @@ class CementLoss(nn.Module):
         difficulty_offset: ``delta`` of that sigmoid.
         difficulty_temperature: ``gamma`` (> 0) of that sigmoid.
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
-        check_finite: raise a clear error on NaN/Inf features (costs one reduction per tensor).
+        check_finite: raise a clear error on NaN/Inf features or ``hn_scores`` outside [0, 1] (costs one
+            reduction per tensor).
 
     ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
     hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
@@ -158,7 +160,21 @@ class CementLoss(nn.Module):
             hn_mask: ``[B, K]`` bool, True where a negative is real; None means all real.
             output_dict: return ``{"contrastive_loss": loss}`` instead of the tensor.
         """
-        self._check_inputs(image_features, text_features, logit_scale, hn_text_features, hn_scores, hn_mask)
+        # The one input check: the kernels' own, on this rank's tensors; the gathered ones are not re-checked.
+        checked = validate_inputs(
+            image_features,
+            text_features,
+            logit_scale,
+            hn_text_features,
+            hn_scores,
+            hn_mask,
+            difficulty_temperature=self.difficulty_temperature,
+            logit_bias=logit_bias,
+            local_start=0,
+            local_size=None,
+            check_finite=self.check_finite,
+            caller="CementLoss",
+        )
         batch = image_features.shape[0]
         if hn_text_features is not None:
             correct, counted = hard_negative_accuracy(image_features, text_features, hn_text_features, hn_mask)
@@ -195,77 +211,25 @@ class CementLoss(nn.Module):
         else:
             all_image, all_text, local_size = image_features, text_features, batch
 
-        loss = self._loss(
-            all_image, all_text, logit_scale, logit_bias, hn_text_features, hn_scores, hn_mask, local_start, local_size
-        )
-        return {"contrastive_loss": loss} if output_dict else loss
-
-    def _loss(self, image, text, scale, bias, hard, scores, mask, local_start, local_size) -> Tensor:
-        settings = dict(
+        loss = cement_loss_unchecked(
+            all_image,
+            all_text,
+            checked.scale,
+            hn_text_features,
+            hn_scores,
+            hn_mask,
             margin_hard=self.margin_hard,
             margin_batch=self.margin_batch,
             difficulty_offset=self.difficulty_offset,
             difficulty_temperature=self.difficulty_temperature,
-            logit_bias=bias,
+            logit_bias=logit_bias,
             local_start=local_start,
             local_size=local_size,
+            impl=self.impl,
         )
-        if not isinstance(scale, Tensor):
-            scale = torch.tensor(float(scale), device=image.device)
-        if self.impl == "reference":
-            loss = cement_loss_reference(image, text, scale, hard, scores, mask, **settings)
-        else:
-            from slipform_plugin.kernels import cement_loss
-
-            loss = cement_loss(image, text, scale, hard, scores, mask, impl=self.impl, check_finite=False, **settings)
-        return loss.to(image.dtype) if image.dtype in (torch.float16, torch.bfloat16) else loss
-
-    def _check_inputs(self, image, text, scale, hard, scores, mask) -> None:
-        if image.ndim != 2 or text.ndim != 2:
-            raise ValueError(
-                f"CementLoss: expected image_features and text_features of shape [B, D], "
-                f"got {tuple(image.shape)} and {tuple(text.shape)}"
-            )
-        if image.shape != text.shape:
-            raise ValueError(
-                f"CementLoss: image_features {tuple(image.shape)} and text_features {tuple(text.shape)} must match"
-            )
-        if image.shape[0] == 0:
-            raise ValueError("CementLoss: expected a non-empty batch, got image_features with 0 rows")
-        if image.device != text.device or image.dtype != text.dtype:
-            raise ValueError(
-                f"CementLoss: image_features and text_features must share device and dtype, got "
-                f"{image.device}/{image.dtype} and {text.device}/{text.dtype}"
-            )
-        scale_value = scale.detach() if isinstance(scale, Tensor) else torch.tensor(float(scale))
-        if scale_value.numel() != 1 or not bool(scale_value.float().reshape(()) > 0):
-            raise ValueError(f"CementLoss: logit_scale must be a positive scalar, got {scale_value}")
-        if hard is not None:
-            batch, dim = image.shape
-            if hard.ndim != 3 or hard.shape[0] != batch or hard.shape[2] != dim:
-                raise ValueError(
-                    f"CementLoss: expected hn_text_features of shape [{batch}, K, {dim}], got {tuple(hard.shape)}"
-                )
-            if hard.device != image.device or hard.dtype != image.dtype:
-                raise ValueError(
-                    f"CementLoss: hn_text_features must be on {image.device} with dtype {image.dtype}, "
-                    f"got {hard.device}/{hard.dtype}"
-                )
-            for name, value in (("hn_scores", scores), ("hn_mask", mask)):
-                if value is not None and tuple(value.shape) != tuple(hard.shape[:2]):
-                    raise ValueError(
-                        f"CementLoss: expected {name} of shape {tuple(hard.shape[:2])}, got {tuple(value.shape)}"
-                    )
-            if mask is not None and mask.dtype != torch.bool:
-                raise ValueError(f"CementLoss: expected hn_mask of dtype torch.bool, got {mask.dtype}")
-        elif scores is not None or mask is not None:
-            raise ValueError("CementLoss: hn_scores/hn_mask given without hn_text_features")
-        if self.check_finite:
-            for name, value in (("image_features", image), ("text_features", text), ("hn_text_features", hard)):
-                if value is not None and not bool(torch.isfinite(value).all()):
-                    raise ValueError(f"CementLoss: {name} contains NaN or Inf")
-            if scores is not None and not bool(((scores >= 0) & (scores <= 1)).all()):
-                raise ValueError("CementLoss: expected hn_scores in [0, 1], got values outside")
+        if image_features.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.to(image_features.dtype)
+        return {"contrastive_loss": loss} if output_dict else loss
 
 
 class InfoNCELoss(CementLoss):
