@@ -42,10 +42,29 @@ IN_SHARDS=$1
 OUT_DIR=$2
 shift 2
 
-if [[ -n "$SITE_ENV" ]]; then
-    # shellcheck source=/dev/null
-    source "$SITE_ENV"
-fi
+# ---- shared helpers: launch_slurm/_common.sh ---------------------------------------------------------------
+# Beside this file under plain bash. sbatch runs a copy of this file from slurmd's spool directory, so there
+# look in SLIPFORM_DIR (the checkout), then beside the script Slurm recorded (scontrol's Command=, absolute),
+# then in SUBMIT_DIR/launch_slurm.
+find_common() {
+    local dir script=
+    for dir in "$(dirname "${BASH_SOURCE[0]}")" ${SLIPFORM_DIR:+"$SLIPFORM_DIR/launch_slurm"}; do
+        [[ -f "$dir/_common.sh" ]] && SLIPFORM_LAUNCH_DIR=$(cd "$dir" && pwd) && return 0
+    done
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n1 || true)
+        while [[ -n "$script" && ! -f "$script" && "$script" == *" "* ]]; do script=${script% *}; done  # drop args
+    fi
+    for dir in ${script:+"$(dirname "$script")"} "${SLURM_SUBMIT_DIR:-.}/launch_slurm"; do
+        [[ -f "$dir/_common.sh" ]] && SLIPFORM_LAUNCH_DIR=$(cd "$dir" && pwd) && return 0
+    done
+    echo "plant.sh: cannot find launch_slurm/_common.sh; set SLIPFORM_DIR to the checkout" >&2
+    exit 2
+}
+find_common
+# shellcheck source-path=SCRIPTDIR source=_common.sh
+source "$SLIPFORM_LAUNCH_DIR/_common.sh"
+slipform_source_site_env
 
 # Whole-corpus summary from the NAME.done.json records. Exit 0 when every shard is done, 3 otherwise.
 # With "--final-only", print nothing unless every shard is done (what a finishing array task calls).
@@ -109,39 +128,21 @@ else
     TASK_NAME=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 fi
 WORKERS=${WORKERS:-${SLURM_CPUS_PER_TASK:-0}}   # 0: every core of the machine
-COMMIT=$(git -C "${SLIPFORM_DIR:-${SLURM_SUBMIT_DIR:-.}}" rev-parse --short HEAD 2>/dev/null || echo unknown)
+COMMIT=$(slipform_commit)
 
-REQUEUED=0
-# shellcheck disable=SC2317  # invoked by the trap
-requeue_task() {
-    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-        echo "[$(date -Is)] USR1 received: requeueing task $TASK_NAME (finished shards are kept)"
-        REQUEUED=1
-        scontrol requeue "$TASK_NAME"
-    fi
-}
-trap requeue_task USR1
-STOPPED=0
-trap 'STOPPED=1; echo "[$(date -Is)] TERM received: waiting for the planter to stop"' TERM
+# Under Slurm, USR1 (--signal=B:USR1@120) requeues this array task; TERM waits for the planter to stop.
+slipform_traps "${SLURM_JOB_ID:+$TASK_NAME}" "task $TASK_NAME (finished shards are kept)" "the planter"
 
-echo "[$(date -Is)] START task=$TASK_NAME restart=${SLURM_RESTART_COUNT:-0} node=${SLURMD_NODENAME:-$(hostname)}" \
+slipform_log START "task=$TASK_NAME restart=${SLURM_RESTART_COUNT:-0} node=${SLURMD_NODENAME:-$(hostname)}" \
     "slice=$TASK_INDEX/$NUM_TASKS workers=$WORKERS commit=$COMMIT in=$IN_SHARDS out=$OUT_DIR"
 
 "$PYTHON" -u -m slipform_plugin.cli plant "$IN_SHARDS" "$OUT_DIR" --task-index "$TASK_INDEX" \
     --num-tasks "$NUM_TASKS" --workers "$WORKERS" --no-progress "$@" &
-PLANTER_PID=$!
-rc=0
-while true; do
-    wait "$PLANTER_PID" && rc=0 || rc=$?
-    if kill -0 "$PLANTER_PID" 2>/dev/null; then
-        continue
-    fi
-    break
-done
+slipform_wait $!
 
 if [[ "$rc" == 0 && "$REQUEUED" == 0 && "$STOPPED" == 0 ]]; then
     summarize --final-only || true
 fi
-echo "[$(date -Is)] END task=$TASK_NAME slice=$TASK_INDEX/$NUM_TASKS exit=$rc requeued=$REQUEUED" \
+slipform_log END "task=$TASK_NAME slice=$TASK_INDEX/$NUM_TASKS exit=$rc requeued=$REQUEUED" \
     "terminated=$STOPPED commit=$COMMIT"
 exit "$rc"

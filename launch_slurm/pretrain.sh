@@ -43,15 +43,35 @@ RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-slipform}-${SLURM_JOB_ID:-local}}  # stab
 REPORT_TO=${REPORT_TO:-none}                   # tensorboard, wandb, or both comma-separated
 SRUN_ARGS=${SRUN_ARGS:-}                       # extra srun options, word-split (e.g. "--cpu-bind=cores")
 
+# ---- shared helpers: launch_slurm/_common.sh ---------------------------------------------------------------
+# Beside this file under plain bash. sbatch runs a copy of this file from slurmd's spool directory, so there
+# look in SLIPFORM_DIR (the checkout), then beside the script Slurm recorded (scontrol's Command=, absolute),
+# then in SUBMIT_DIR/launch_slurm.
+find_common() {
+    local dir script=
+    for dir in "$(dirname "${BASH_SOURCE[0]}")" ${SLIPFORM_DIR:+"$SLIPFORM_DIR/launch_slurm"}; do
+        [[ -f "$dir/_common.sh" ]] && SLIPFORM_LAUNCH_DIR=$(cd "$dir" && pwd) && return 0
+    done
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n1 || true)
+        while [[ -n "$script" && ! -f "$script" && "$script" == *" "* ]]; do script=${script% *}; done  # drop args
+    fi
+    for dir in ${script:+"$(dirname "$script")"} "${SLURM_SUBMIT_DIR:-.}/launch_slurm"; do
+        [[ -f "$dir/_common.sh" ]] && SLIPFORM_LAUNCH_DIR=$(cd "$dir" && pwd) && return 0
+    done
+    echo "pretrain.sh: cannot find launch_slurm/_common.sh; set SLIPFORM_DIR to the checkout" >&2
+    exit 2
+}
+find_common
+# shellcheck source-path=SCRIPTDIR source=_common.sh
+source "$SLIPFORM_LAUNCH_DIR/_common.sh"
+
 # ---- environment ------------------------------------------------------------------------------------------
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "pretrain.sh: not inside a Slurm allocation; submit it with sbatch (or use pretrain_single_node.sh)" >&2
     exit 2
 fi
-if [[ -n "$SITE_ENV" ]]; then
-    # shellcheck source=/dev/null
-    source "$SITE_ENV"
-fi
+slipform_source_site_env
 
 case "$DEVICE" in
     cuda)
@@ -76,73 +96,21 @@ esac
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
 MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}  # 10000-29999: below Linux's ephemeral range
 export MASTER_ADDR MASTER_PORT
+JOB=$SLURM_JOB_ID
 WORLD_SIZE=$SLURM_NTASKS
 NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)
-COMMIT=$(git -C "${SLIPFORM_DIR:-${SLURM_SUBMIT_DIR:-.}}" rev-parse --short HEAD 2>/dev/null || echo unknown)
+COMMIT=$(slipform_commit)
 RESTART=${SLURM_RESTART_COUNT:-0}
 
-train_args=(
-    --train-data "$TRAIN_DATA"
-    --train-num-samples "$TRAIN_NUM_SAMPLES"
-    --dataset-type "$DATASET_TYPE"
-    --model "$MODEL"
-    --loss "$LOSS"
-    --hn "$HN"
-    --batch-size "$BATCH_SIZE"
-    --epochs "$EPOCHS"
-    --lr "$LR"
-    --warmup "$WARMUP"
-    --workers "$WORKERS"
-    --device "$DEVICE"
-    --logs "$LOGS_DIR"
-    --name "$RUN_NAME"
-    --report-to "$REPORT_TO"
-    # Requeue safety: epoch_latest.pt is written to tmp.pt and renamed (never half-written), and every
-    # (re)start resumes from it when it exists.
-    --save-most-recent
-    --resume latest
-)
-[[ -n "$DIST_BACKEND" ]] && train_args+=(--dist-backend "$DIST_BACKEND")
+slipform_pretrain_args
+# USR1 (--signal=B:USR1@300, see _common.sh) requeues this job; TERM waits for srun to wind down.
+slipform_traps "$SLURM_JOB_ID" "job $SLURM_JOB_ID (restart $RESTART ends here)" srun
+slipform_pretrain_log START "master=$MASTER_ADDR:$MASTER_PORT"
 
-# ---- preemption and time limit ----------------------------------------------------------------------------
-# --signal=B:USR1@300 sends USR1 to this batch shell only (without B: it would kill the ranks) 300 s before
-# the time limit. The trap puts the job back in the queue (same job id, same log, same RUN_NAME); Slurm then
-# ends the running step, and the next start resumes from epoch_latest.pt. (Preemption with
-# PreemptMode=REQUEUE requeues the job by itself, TERM then KILL after GraceTime: it resumes the same way.)
-# Work since the last checkpoint (the last epoch) is lost: size TRAIN_NUM_SAMPLES so that an epoch is a
-# tolerable loss.
-REQUEUED=0
-# shellcheck disable=SC2317  # invoked by the trap
-requeue_job() {
-    echo "[$(date -Is)] USR1 received: requeueing job $SLURM_JOB_ID (restart $RESTART ends here)"
-    REQUEUED=1
-    scontrol requeue "$SLURM_JOB_ID"
-}
-trap requeue_job USR1
-# scancel and requeue send TERM to this shell as well as to the ranks: keep waiting for srun to wind down so
-# that the END line and srun's exit code still come out.
-STOPPED=0
-trap 'STOPPED=1; echo "[$(date -Is)] TERM received: waiting for srun to stop"' TERM
-
-echo "[$(date -Is)] START job=$SLURM_JOB_ID restart=$RESTART nodes=$NODES world_size=$WORLD_SIZE" \
-    "master=$MASTER_ADDR:$MASTER_PORT device=$DEVICE commit=$COMMIT run=$LOGS_DIR/$RUN_NAME"
-
-# srun runs in the background so that the trap can fire while training runs (bash defers traps until a
-# foreground command returns). --kill-on-bad-exit: one crashed rank ends the step instead of leaving the
-# others blocked in a collective until a timeout.
+# srun runs in the background so that the traps can fire while training runs. --kill-on-bad-exit: one
+# crashed rank ends the step instead of leaving the others blocked in a collective until a timeout.
 # shellcheck disable=SC2086  # SRUN_ARGS is word-split on purpose
 srun --kill-on-bad-exit=1 $SRUN_ARGS "$PYTHON" -u -m open_clip_train.main "${train_args[@]}" "$@" &
-SRUN_PID=$!
-rc=0
-while true; do
-    wait "$SRUN_PID" && rc=0 || rc=$?
-    # wait returns 128+signal when a trapped signal interrupts it while srun still runs: wait again.
-    if kill -0 "$SRUN_PID" 2>/dev/null; then
-        continue
-    fi
-    break
-done
-
-echo "[$(date -Is)] END job=$SLURM_JOB_ID restart=$RESTART nodes=$NODES world_size=$WORLD_SIZE" \
-    "exit=$rc requeued=$REQUEUED terminated=$STOPPED commit=$COMMIT"
+slipform_wait $!
+slipform_pretrain_log END
 exit "$rc"

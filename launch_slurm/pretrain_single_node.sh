@@ -40,10 +40,29 @@ RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-slipform-1node}-${SLURM_JOB_ID:-$(date +%
 REPORT_TO=${REPORT_TO:-none}
 TORCHRUN_ARGS=${TORCHRUN_ARGS:-}               # extra torchrun options, word-split
 
-if [[ -n "$SITE_ENV" ]]; then
-    # shellcheck source=/dev/null
-    source "$SITE_ENV"
-fi
+# ---- shared helpers: launch_slurm/_common.sh ---------------------------------------------------------------
+# Beside this file under plain bash. sbatch runs a copy of this file from slurmd's spool directory, so there
+# look in SLIPFORM_DIR (the checkout), then beside the script Slurm recorded (scontrol's Command=, absolute),
+# then in SUBMIT_DIR/launch_slurm.
+find_common() {
+    local dir script=
+    for dir in "$(dirname "${BASH_SOURCE[0]}")" ${SLIPFORM_DIR:+"$SLIPFORM_DIR/launch_slurm"}; do
+        [[ -f "$dir/_common.sh" ]] && SLIPFORM_LAUNCH_DIR=$(cd "$dir" && pwd) && return 0
+    done
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n1 || true)
+        while [[ -n "$script" && ! -f "$script" && "$script" == *" "* ]]; do script=${script% *}; done  # drop args
+    fi
+    for dir in ${script:+"$(dirname "$script")"} "${SLURM_SUBMIT_DIR:-.}/launch_slurm"; do
+        [[ -f "$dir/_common.sh" ]] && SLIPFORM_LAUNCH_DIR=$(cd "$dir" && pwd) && return 0
+    done
+    echo "pretrain_single_node.sh: cannot find launch_slurm/_common.sh; set SLIPFORM_DIR to the checkout" >&2
+    exit 2
+}
+find_common
+# shellcheck source-path=SCRIPTDIR source=_common.sh
+source "$SLIPFORM_LAUNCH_DIR/_common.sh"
+slipform_source_site_env
 
 # Processes on this node: one per GPU of the allocation (or of the machine), NPROC to override.
 if [[ "$DEVICE" == cpu ]]; then
@@ -70,64 +89,22 @@ WORKERS=${WORKERS:-$(( CPUS / NPROC > 1 ? CPUS / NPROC - 1 : 1 ))}  # leave each
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / NPROC > 0 ? CPUS / NPROC : 1 ))}
 TORCHRUN=${TORCHRUN:-$(dirname "$(command -v "$PYTHON")")/torchrun}
 [[ -x "$TORCHRUN" ]] || TORCHRUN=torchrun
-COMMIT=$(git -C "${SLIPFORM_DIR:-${SLURM_SUBMIT_DIR:-.}}" rev-parse --short HEAD 2>/dev/null || echo unknown)
+COMMIT=$(slipform_commit)
 RESTART=${SLURM_RESTART_COUNT:-0}
 JOB=${SLURM_JOB_ID:-none}
-NODE=${SLURMD_NODENAME:-$(hostname)}
+NODES=${SLURMD_NODENAME:-$(hostname)}
+WORLD_SIZE=$NPROC
 
-train_args=(
-    --train-data "$TRAIN_DATA"
-    --train-num-samples "$TRAIN_NUM_SAMPLES"
-    --dataset-type "$DATASET_TYPE"
-    --model "$MODEL"
-    --loss "$LOSS"
-    --hn "$HN"
-    --batch-size "$BATCH_SIZE"
-    --epochs "$EPOCHS"
-    --lr "$LR"
-    --warmup "$WARMUP"
-    --workers "$WORKERS"
-    --device "$DEVICE"
-    --logs "$LOGS_DIR"
-    --name "$RUN_NAME"
-    --report-to "$REPORT_TO"
-    --save-most-recent
-    --resume latest
-)
-[[ -n "$DIST_BACKEND" ]] && train_args+=(--dist-backend "$DIST_BACKEND")
-
-# ---- preemption (see pretrain.sh) -------------------------------------------------------------------------
-REQUEUED=0
-# shellcheck disable=SC2317  # invoked by the trap
-requeue_job() {
-    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-        echo "[$(date -Is)] USR1 received: requeueing job $SLURM_JOB_ID (restart $RESTART ends here)"
-        REQUEUED=1
-        scontrol requeue "$SLURM_JOB_ID"
-    fi
-}
-trap requeue_job USR1
-STOPPED=0
-trap 'STOPPED=1; echo "[$(date -Is)] TERM received: waiting for torchrun to stop"' TERM
-
-echo "[$(date -Is)] START job=$JOB restart=$RESTART nodes=$NODE world_size=$NPROC device=$DEVICE" \
-    "commit=$COMMIT run=$LOGS_DIR/$RUN_NAME"
+slipform_pretrain_args
+# Under Slurm, USR1 requeues this job (see _common.sh); TERM waits for torchrun to wind down.
+slipform_traps "${SLURM_JOB_ID:-}" "job $JOB (restart $RESTART ends here)" torchrun
+slipform_pretrain_log START
 
 # --standalone: a private rendezvous on a free local port (no MASTER_PORT clash between jobs on one node).
 # "--" keeps torchrun from reading OpenCLIP's flags as its own (it rejects --logs as ambiguous).
 # shellcheck disable=SC2086  # TORCHRUN_ARGS is word-split on purpose
 "$TORCHRUN" --standalone --nnodes=1 --nproc-per-node="$NPROC" $TORCHRUN_ARGS \
     -m open_clip_train.main -- "${train_args[@]}" "$@" &
-LAUNCHER_PID=$!
-rc=0
-while true; do
-    wait "$LAUNCHER_PID" && rc=0 || rc=$?
-    if kill -0 "$LAUNCHER_PID" 2>/dev/null; then
-        continue
-    fi
-    break
-done
-
-echo "[$(date -Is)] END job=$JOB restart=$RESTART nodes=$NODE world_size=$NPROC exit=$rc requeued=$REQUEUED" \
-    "terminated=$STOPPED commit=$COMMIT"
+slipform_wait $!
+slipform_pretrain_log END
 exit "$rc"

@@ -15,7 +15,9 @@ Run with ``pytest -m slurm tests/test_slurm.py``. Needs root and Debian's slurmc
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -360,6 +362,9 @@ def test_single_node_torchrun_completes(cluster, workdir, shards):
     name = "pretrain-1node"
     single_node = ROOT / "launch_slurm" / "pretrain_single_node.sh"
     env = _pretrain_env(shards, NPROC="2", EPOCHS="1", HN="none")
+    # No SLIPFORM_DIR, submitted from outside the checkout: sbatch runs a spool copy of the script, which finds
+    # launch_slurm/_common.sh through the script path Slurm recorded (scontrol's Command=).
+    del env["SLIPFORM_DIR"]
     job = cluster.sbatch(f"--job-name={name}", "--nodes=1", "--cpus-per-task=2", "--gpus-per-node=0",
                          str(single_node), cwd=workdir, env=env)  # fmt: skip
     (record,) = cluster.wait(job, timeout=JOB_TIMEOUT)
@@ -368,6 +373,48 @@ def test_single_node_torchrun_completes(cluster, workdir, shards):
     (start,) = _lines(log, "START")
     (end,) = _lines(log, "END")
     assert "world_size=2" in start and "exit=0" in end
+    assert _is_repo_commit(re.search(r"commit=(\S+)", start).group(1)), start
     run_dir = workdir / "logs" / f"{name}-{job}"
     assert "world_size: 2" in (run_dir / "out.log").read_text()
     assert _checkpoint_epoch(run_dir / "checkpoints" / "epoch_latest.pt") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Without a cluster: the launchers and their shared launch_slurm/_common.sh under plain bash.
+
+LAUNCHERS = sorted((ROOT / "launch_slurm").glob("*.sh"))
+
+
+def test_launchers_are_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    result = subprocess.run([shellcheck, "-x", *map(str, LAUNCHERS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_single_node_outside_slurm_uses_common(tmp_path):
+    """Under plain bash the script sources _common.sh beside it: train args, START/END lines, the exit code."""
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/bin/bash\necho "launched: $*"\nexit 3\n')
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(fake), "DEVICE": "cpu", "NPROC": "2"}
+    env |= {"TRAIN_DATA": "data-{0..1}.tar", "TRAIN_NUM_SAMPLES": "8", "PYTHON": PYTHON}
+    single_node = ROOT / "launch_slurm" / "pretrain_single_node.sh"
+    result = subprocess.run(["bash", str(single_node), "--seed", "3"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    (start,), (end,) = _lines(result.stdout, "START"), _lines(result.stdout, "END")
+    assert "job=none" in start and "world_size=2" in start and "device=cpu" in start
+    assert _is_repo_commit(re.search(r"commit=(\S+)", start).group(1)), start
+    assert "exit=3 requeued=0 terminated=0" in end
+    (launched,) = [line for line in result.stdout.splitlines() if line.startswith("launched: ")]
+    assert "--nproc-per-node=2 -m open_clip_train.main -- --train-data data-{0..1}.tar" in launched
+    assert "--save-most-recent --resume latest --dist-backend gloo --seed 3" in launched
+
+    # A copy without its checkout (what sbatch runs, minus Slurm's record of the original) says what is missing.
+    copy = tmp_path / "copy.sh"
+    copy.write_text(single_node.read_text())
+    result = subprocess.run(["bash", str(copy)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "cannot find launch_slurm/_common.sh; set SLIPFORM_DIR" in result.stderr
