@@ -117,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--hn-spacy-model", default=None, help="spaCy model of the generator (default: en_core_web_sm).")
     group.add_argument(
+        "--hn-vocab",
+        default=None,
+        metavar="FILE",
+        help="Draw replacement words only from this vocabulary (a text file, one word per line, e.g. every word of "
+        "the training captions); default: no restriction.",
+    )
+    group.add_argument(
         "--hn-batch-size", type=_positive_int, default=64, help="Captions per generator call in a worker (64)."
     )
     group.add_argument(
@@ -211,6 +218,13 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(
                 f"--hn-kinds: unknown kinds {unknown}; expected a comma-separated subset of {HARD_NEGATIVE_KINDS}"
             )
+    if args.hn_vocab:
+        from slipform_plugin.concreteplant.corpus import read_vocabulary_file
+
+        try:
+            read_vocabulary_file(args.hn_vocab, "--hn-vocab")
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
     if args.hn_seed is None:
         args.hn_seed = getattr(args, "seed", 0)
 

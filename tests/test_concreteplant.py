@@ -416,3 +416,212 @@ def test_numpy_matmul_ops_give_spacys_tags(plant, monkeypatch):
         captions += [r["caption"] for r in list(records.values())[:300]]
     fast = [[t.tag for t in toks] for toks in parsing.parse(plant.nlp, captions)]
     assert fast == [[t.tag for t in toks] for toks in parsing.parse(reference, captions)]
+
+
+# ------------------------------------------------------------------------------------------- closed vocabularies
+SYNTHETIC = "two small red matte striped circles to the left of a large blue metallic solid square"
+BINDING_SWAPS = {
+    "two large red matte striped circles to the left of a small blue metallic solid square",
+    "two small blue matte striped circles to the left of a large red metallic solid square",
+    "two small red metallic striped circles to the left of a large blue matte solid square",
+    "two small red matte solid circles to the left of a large blue metallic striped square",
+}
+
+
+def _generator(plant: ConcretePlant, **kwargs) -> ConcretePlant:
+    generator = ConcretePlant(**kwargs)
+    generator._nlp = plant.nlp  # share the loaded pipeline
+    return generator
+
+
+def _synthetic_captions(count: int) -> list[str]:
+    from slipform_plugin.synthetic import make_item
+
+    return [make_item(seed=0, split="train", index=i, image_size=32).caption for i in range(count)]
+
+
+def test_attribute_roles_come_from_the_category_lexicon():
+    from slipform_plugin.concreteplant.operations import attribute_role
+
+    roles = {word: attribute_role(word) for word in ("red", "Cyan", "large", "matte", "metallic", "striped", "solid")}
+    assert roles == {"red": "colour", "Cyan": "colour", "large": "size", "matte": "material", "metallic": "material",
+                     "striped": "pattern", "solid": "pattern"}  # fmt: skip
+    assert attribute_role("circle") is None and attribute_role("dog") is None
+
+
+def test_same_role_swap_is_the_binding_swap(plant):
+    found = texts(plant.candidates(SYNTHETIC), "swap_attributes")
+    assert "two small blue matte striped circles to the left of a large red metallic solid square" in found
+    # Only the same-role swaps are ever sampled, and all of them are: exactly the four binding swaps.
+    generator = _generator(plant, num_negatives=10, kinds="swap_attributes")
+    assert texts(generator.plant([SYNTHETIC], ["k"])[0]) == BINDING_SWAPS
+    # Cross-role swaps (a texture word in the colour slot) stay candidates, never samples.
+    assert "two small striped matte red circles to the left of a large blue metallic solid square" not in found
+    assert "two small metallic matte striped circles to the left of a large blue red solid square" in found
+
+
+def test_swap_attributes_fall_back_to_any_role_without_a_same_role_pair(plant):
+    generator = _generator(plant, num_negatives=10, kinds="swap_attributes")
+    swapped = texts(generator.plant(["A wooden table with a red vase."], ["k"])[0])
+    assert swapped == {"A red table with a wooden vase."}  # material <-> colour, the only swap there is
+    # Synonyms of one role are no negative: "big" <-> "large" is not sampled when a real swap exists.
+    swapped = texts(generator.plant(["A big white dog next to a large black cat."], ["k"])[0])
+    assert "A big black dog next to a large white cat." in swapped
+    assert "A large white dog next to a big black cat." not in swapped
+
+
+def test_spatial_relations_offer_their_converse_first(plant):
+    relations = [n.text for n in plant.candidates(SYNTHETIC) if n.kind == "replace_relation"]
+    assert relations[0] == SYNTHETIC.replace("to the left of", "to the right of")
+    generator = _generator(plant, num_negatives=5, kinds="replace_relation")
+    for caption, converse in [
+        (SYNTHETIC, SYNTHETIC.replace("left", "right")),
+        ("A red ball above a blue box.", "A red ball below a blue box."),
+        ("A cat on top of a car.", "A cat under a car."),
+        ("A dog in front of a house.", "A dog behind a house."),
+        ("A cat inside a box.", "A cat outside a box."),
+    ]:
+        assert texts(generator.plant([caption], ["k"])[0]) == {converse}, caption
+
+
+def test_multiword_relations_are_replaced_whole(plant):
+    for seed in range(8):
+        for negative in _generator(plant, seed=seed).candidates(SYNTHETIC):
+            # never "to the hand of" / "to the rock of": "left" is no object and the phrase moves as one unit
+            assert not re.search(r"\bto the (?!left of|right of)\w+ of\b", negative.text), negative.text
+            if negative.kind == "replace_relation":
+                relation = negative.text[
+                    len("two small red matte striped circles ") : -len(" a large blue metallic solid square")
+                ]
+                assert ("ADP", relation) in lexicon.load_vocabulary().by_lemma, negative.text
+
+
+def test_corpus_vocabulary_helpers(tmp_path):
+    from slipform_plugin.concreteplant import corpus_vocabulary, read_vocabulary_file, write_vocabulary_file
+
+    captions = ["A red ball.", "A red box", b"two Boxes", None]
+    assert corpus_vocabulary(captions) == {"a", "red", "ball", "box", "two", "boxes"}
+    assert corpus_vocabulary(captions, min_count=2) == {"a", "red"}
+    path = write_vocabulary_file(corpus_vocabulary(captions), tmp_path / "vocab.txt")
+    assert path.read_text().splitlines() == ["a", "ball", "box", "boxes", "red", "two"]
+    assert read_vocabulary_file(path) == corpus_vocabulary(captions)
+    with pytest.raises(FileNotFoundError, match="--vocab"):
+        read_vocabulary_file(tmp_path / "missing.txt", "--vocab")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(ValueError, match="no words"):
+        read_vocabulary_file(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="min_count"):
+        corpus_vocabulary(captions, min_count=0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        ConcretePlant(vocabulary=[])
+
+
+def test_corpus_vocabulary_keeps_every_negative_in_the_corpus(plant, tmp_path):
+    from slipform_plugin.concreteplant import corpus_vocabulary, write_vocabulary_file
+    from slipform_plugin.concreteplant.corpus import words
+
+    captions = _synthetic_captions(150)
+    vocabulary = corpus_vocabulary(captions)
+    generator = _generator(plant, num_negatives=6, vocabulary=vocabulary)
+    planted = generator.plant(captions, [str(i) for i in range(len(captions))])
+    kinds = {n.kind for negatives in planted for n in negatives}
+    assert {"replace_object", "replace_attribute", "replace_relation", "change_count", "swap_attributes"} <= kinds
+    for negatives in planted:
+        for negative in negatives:
+            assert set(words(negative.text)) <= vocabulary, negative.text
+    assert all(len(negatives) >= 3 for negatives in planted)
+    # Without it the same captions get words no image shows (the audit's "parrots", "bronze", "floral").
+    free = _generator(plant, num_negatives=6).plant(captions, [str(i) for i in range(len(captions))])
+    assert any(not set(words(n.text)) <= vocabulary for negatives in free for n in negatives)
+    # A file gives the same negatives as the set; so does the full candidate list.
+    path = write_vocabulary_file(vocabulary, tmp_path / "vocab.txt")
+    assert _generator(plant, num_negatives=6, vocabulary=str(path)).plant(
+        captions[:20], list("abcdefghijklmnopqrst")
+    ) == (generator.plant(captions[:20], list("abcdefghijklmnopqrst")))
+    for negative in generator.candidates(SYNTHETIC):
+        assert set(words(negative.text)) <= vocabulary | set(SYNTHETIC.split()), negative.text
+
+
+def test_corpus_vocabulary_on_real_captions(plant):
+    from slipform_plugin.concreteplant import corpus_vocabulary
+    from slipform_plugin.concreteplant.corpus import words
+
+    corpus = [*CAPTIONS, "A dog and a cat on a blue chair.", "Four birds and six cows.", "A cow riding a bus."]
+    vocabulary = corpus_vocabulary(corpus)
+    generator = _generator(plant, num_negatives=6, vocabulary=vocabulary)
+    planted = generator.plant(CAPTIONS, [str(i) for i in range(len(CAPTIONS))])
+    assert all(planted)
+    for caption, negatives in zip(CAPTIONS, planted, strict=True):
+        for negative in negatives:
+            assert set(words(negative.text)) <= vocabulary | set(words(caption)), negative.text
+
+
+def test_hn_vocab_flag(tmp_path, capsys):
+    import open_clip_train.params as params
+
+    base = ["--loss", "cement", "--hn", "concreteplant"]
+    for path, reason in ((tmp_path / "missing.txt", "not found"), (tmp_path / "empty.txt", "no words")):
+        if reason == "no words":
+            path.write_text("\n\n")
+        with pytest.raises(SystemExit) as raised:
+            params.parse_args([*base, "--hn-vocab", str(path)])
+        assert raised.value.code == 2
+        err = capsys.readouterr().err
+        assert "--hn-vocab" in err and str(path) in err and reason in err
+    good = tmp_path / "vocab.txt"
+    good.write_text("red\nblue\ncircle\n")
+    args = params.parse_args([*base, "--hn-vocab", str(good)])
+    assert args.hn_vocab == str(good)
+    assert create_from_args(args).vocabulary == {"red", "blue", "circle"}
+    assert params.parse_args(base).hn_vocab is None and create_from_args(params.parse_args(base)).vocabulary is None
+
+
+def test_offline_vocab_flag(plant, tmp_path, monkeypatch, capsys):
+    from slipform_plugin.concreteplant import corpus_vocabulary, write_vocabulary_file
+    from slipform_plugin.concreteplant.corpus import words
+
+    captions = _synthetic_captions(40)
+    inputs = _write_shards(tmp_path / "in", captions, 1)
+    with pytest.raises(SystemExit):
+        offline.main([str(inputs[0]), str(tmp_path / "out"), "--vocab", str(tmp_path / "missing.txt")])
+    assert "--vocab" in capsys.readouterr().err
+    vocabulary = corpus_vocabulary(captions)
+    path = write_vocabulary_file(vocabulary, tmp_path / "vocab.txt")
+    monkeypatch.setattr(offline, "_init_worker", _init_sharing(plant))
+    out = tmp_path / "out"
+    assert offline.main([str(inputs[0]), str(out), "--workers", "1", "--no-progress", "--vocab", str(path)]) == 0
+    import tarfile
+
+    with tarfile.open(out / inputs[0].name) as tar:
+        planted = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".hn.json")]
+    assert sum(len(p) for p in planted) > 60
+    assert all(set(words(n["text"])) <= vocabulary for negatives in planted for n in negatives)
+
+
+def test_uniform_ablation_overrides_only_the_selection(plant):
+    from slipform_plugin.evaluation.ablations import UniformConcretePlant, create_uniform_concreteplant
+
+    assert "plant" not in vars(UniformConcretePlant) and "_select" in vars(UniformConcretePlant)
+    uniform = UniformConcretePlant(num_negatives=3, seed=0)
+    uniform._nlp = plant.nlp
+    keys = [f"key{i}" for i in range(len(CAPTIONS))]
+    planted = uniform.plant(CAPTIONS, keys)
+    for caption, negatives in zip(CAPTIONS, planted, strict=True):
+        assert len(texts(negatives)) == 3 and caption not in texts(negatives)
+    assert uniform.plant(CAPTIONS[::-1], keys[::-1])[::-1] == planted  # deterministic per (seed, key)
+    # Same candidates as ConcretePlant, another draw: the selections differ somewhere.
+    assert planted != plant.plant(CAPTIONS, keys)
+    assert uniform.stats["captions"] == 2 * len(CAPTIONS) and uniform.stats["negatives"] == 6 * len(CAPTIONS)
+    args = argparse.Namespace(hn_num=2, hn_seed=1, hn_kinds=None, hn_spacy_model=None, hn_vocab=None)
+    assert create_uniform_concreteplant(args).num_negatives == 2
+
+
+def test_audit_synthetic_measures_binding_swaps_and_vocabulary(plant):
+    from slipform_plugin.concreteplant.evaluate import audit_synthetic, synthetic_audit_items
+
+    items = synthetic_audit_items(60)
+    assert all(item["binding_swaps"] for item in items)
+    audit = audit_synthetic(_generator(plant, num_negatives=3), items)
+    assert audit["negatives"] == 180
+    assert audit["binding_swap_of_swap_attributes"] >= 0.95
+    assert audit["kinds"]["replace_relation"]["in_vocabulary"] == 1.0

@@ -11,9 +11,14 @@ SugarCrepe (Hsieh et al. 2023, MIT) pairs COCO val2017 captions with one negativ
 - replace target recall: over the ``replace_obj``/``replace_att``/``replace_rel`` pairs that differ in one
   word, the share where that word lies inside the span of a ConcretePlant candidate of the matching kind.
 
+With ``--synthetic N`` it audits N synthetic training captions instead (:func:`audit_synthetic`): the share of
+``swap_attributes`` negatives that are exact binding swaps, and of all negatives that are in-vocabulary, without
+and with the corpus vocabulary of those captions.
+
 Usage::
 
-    slipform eval-plant --sugarcrepe-dir ../shared/data/sugarcrepe [--limit N] [--json OUT]
+    slipform eval-plant --sugarcrepe-dir ../shared/data/sugarcrepe [--limit N] [--json OUT] [--vocab FILE]
+    slipform eval-plant --synthetic 2000 [--json OUT]
 """
 
 from __future__ import annotations
@@ -146,6 +151,88 @@ def evaluate(plant, data: dict[str, list[tuple[str, str]]], seed: int = 0) -> di
             hits += any(c.kind == kind and c.span[0] <= start and end <= c.span[1] for c in candidates[caption])
         report["recall"][stem] = {"recall": hits / n if n else None, "pairs": n, "of": len(data.get(stem, []))}
     return report
+
+
+def synthetic_audit_items(num_captions: int = 2000, seed: int = 0, split: str = "train") -> list[dict]:
+    """``num_captions`` synthetic captions with their key and binding swaps (scene attributes exchanged).
+
+    Each item is ``{"key", "caption", "binding_swaps"}``; ``binding_swaps`` holds the captions that exchange one
+    attribute (size, colour, material, texture) or the shape between the two described groups, word order kept:
+    what the synthetic test's ``attribute_swap``/``object_swap`` kinds ask about.
+    """
+    import dataclasses
+
+    from slipform_plugin.synthetic import make_item
+    from slipform_plugin.synthetic.scene import caption_of
+
+    items = []
+    for index in range(num_captions):
+        item = make_item(seed=seed, split=split, index=index, image_size=32)
+        subject, reference = item.scene.subject, item.scene.reference
+        swaps = set()
+        for attribute in ("size", "colour", "material", "texture", "shape"):
+            mine, theirs = getattr(subject, attribute), getattr(reference, attribute)
+            if mine != theirs:
+                swaps.add(
+                    caption_of(
+                        dataclasses.replace(subject, **{attribute: theirs}),
+                        item.scene.relation,
+                        dataclasses.replace(reference, **{attribute: mine}),
+                    )
+                )
+        items.append({"key": item.key, "caption": item.caption, "binding_swaps": swaps})
+    return items
+
+
+def audit_synthetic(plant, items: list[dict]) -> dict:
+    """Caption-level audit of a generator's negatives on synthetic captions (:func:`synthetic_audit_items`).
+
+    Returns ``{"captions", "negatives", "in_vocabulary", "binding_swap_of_swap_attributes", "kinds": {kind:
+    {"n", "in_vocabulary", "binding_swap"}}}`` (shares in [0, 1]); a negative is *in-vocabulary* when every word
+    of it occurs in the audited captions, a *binding swap* when it is exactly one of its caption's binding swaps.
+    """
+    from slipform_plugin.concreteplant.corpus import corpus_vocabulary, words
+
+    captions = [item["caption"] for item in items]
+    vocabulary = corpus_vocabulary(captions)
+    planted = plant.plant(captions, [item["key"] for item in items])
+    kinds: dict[str, dict[str, float]] = {}
+    for item, negatives in zip(items, planted, strict=True):
+        for negative in negatives:
+            entry = kinds.setdefault(negative.kind, {"n": 0, "in_vocabulary": 0, "binding_swap": 0})
+            entry["n"] += 1
+            entry["in_vocabulary"] += set(words(negative.text)) <= vocabulary
+            entry["binding_swap"] += negative.text in item["binding_swaps"]
+    total = sum(entry["n"] for entry in kinds.values())
+    in_vocabulary = sum(entry["in_vocabulary"] for entry in kinds.values())
+    for entry in kinds.values():
+        entry["in_vocabulary"] /= entry["n"]
+        entry["binding_swap"] /= entry["n"]
+    swaps = kinds.get("swap_attributes", {})
+    return {
+        "captions": len(items),
+        "negatives": total,
+        "in_vocabulary": in_vocabulary / total if total else 0.0,
+        "binding_swap_of_swap_attributes": swaps.get("binding_swap", 0.0),
+        "kinds": dict(sorted(kinds.items())),
+    }
+
+
+def format_synthetic(audits: dict[str, dict]) -> str:
+    """The audits of :func:`audit_synthetic` side by side, one line per configuration and one per kind."""
+    lines = []
+    for name, audit in audits.items():
+        lines.append(
+            f"{name}: {audit['captions']} synthetic captions, {audit['negatives']} negatives; in-vocabulary "
+            f"{audit['in_vocabulary']:.3f}; swap_attributes that are binding swaps "
+            f"{audit['binding_swap_of_swap_attributes']:.3f}"
+        )
+        lines += [
+            f"  {kind:<18} n={entry['n']:<5} in-vocabulary {entry['in_vocabulary']:.3f}  "
+            f"binding swap {entry['binding_swap']:.3f}"
+            for kind, entry in audit["kinds"].items()
+        ]
+    return "\n".join(lines)
 
 
 def _changed_percentiles(toks, caption_words: list[str], negative: str) -> list[float] | None:
@@ -284,7 +371,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slipform_plugin.concreteplant import ConcretePlant
+    from slipform_plugin.concreteplant import ConcretePlant, read_vocabulary_file
 
     parser = argparse.ArgumentParser(prog="slipform eval-plant", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sugarcrepe-dir", default="../shared/data/sugarcrepe", help="SugarCrepe's JSON files")
@@ -297,11 +384,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--negclip-tsv", default=None, help="also compare with NegCLIP's negatives (valid_neg_clip.tsv from ARO)"
     )
+    parser.add_argument("--vocab", default=None, help="restrict replacements to these words (one per line)")
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        metavar="N",
+        help="audit N synthetic training captions instead (without and with their corpus vocabulary)",
+    )
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.synthetic is not None and args.synthetic < 1:
+        parser.error(f"--synthetic must be >= 1, got {args.synthetic}")
+    options = {"num_negatives": args.num, "seed": args.seed, "kinds": args.kinds, "spacy_model": args.spacy_model}
+    try:
+        vocabulary = read_vocabulary_file(args.vocab, "--vocab") if args.vocab else None
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if args.synthetic is not None:
+        from slipform_plugin.concreteplant.corpus import corpus_vocabulary
+
+        items = synthetic_audit_items(args.synthetic, seed=args.seed)
+        corpus = corpus_vocabulary(item["caption"] for item in items)
+        audits = {
+            "no vocabulary": audit_synthetic(ConcretePlant(**options), items),
+            "corpus vocabulary": audit_synthetic(ConcretePlant(**options, vocabulary=corpus), items),
+        }
+        print(format_synthetic(audits))
+        if args.json:
+            Path(args.json).write_text(json.dumps(audits, indent=2))
+        return 0
     data = load_sugarcrepe(args.sugarcrepe_dir, args.limit)
-    plant = ConcretePlant(num_negatives=args.num, seed=args.seed, kinds=args.kinds, spacy_model=args.spacy_model)
+    plant = ConcretePlant(**options, vocabulary=vocabulary)
     report = evaluate(plant, data, seed=args.seed)
     print(format_report(report))
     if args.negclip_tsv:

@@ -281,7 +281,7 @@ def load_vocabulary() -> Vocabulary:
     norms = load_norms()
     # Multiword prepositions have no norm; rate them as their head preposition so they can be replaced.
     norms = dict(norms)
-    for phrase, head in (("next to", "next"), ("in front of", "front"), ("on top of", "top")):
+    for phrase, head in V.MULTIWORD_PREPOSITION_RATED_AS.items():
         norms.setdefault(phrase, norms.get(head, 3.0))
     pools: dict[tuple[str, str], tuple[Entry, ...]] = {}
     by_lemma: dict[tuple[str, str], Entry] = {}

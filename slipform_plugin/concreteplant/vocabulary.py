@@ -65,6 +65,10 @@ NOUN_CATEGORIES: dict[str, tuple[str, ...]] = {
     ),
     "nature": _words("tree bush flower grass snow sand rock sky cloud plant leaf wave water dirt mud ice"),
     "body": _words("hand head face arm leg foot eye mouth ear hair nose tail finger beard wing"),
+    "shape": _words(
+        "circle square triangle diamond star cross rectangle heart oval hexagon pentagon cube sphere cylinder cone "
+        "pyramid ring arrow crescent"
+    ),
 }
 
 #: Nouns never changed as objects: relational or container nouns ("in front of", "a group of").
@@ -73,7 +77,7 @@ NOUN_STOPLIST: frozenset[str] = frozenset(
         "front top side middle background foreground view picture image photo photograph couple group lot "
         "bunch pair piece slice kind type variety number area way part bottom edge end corner center centre "
         "close closeup shot scene camera_angle distance direction line row set lots other others one thing "
-        "something someone time day night while air"
+        "something someone time day night while air left right"
     )
 )
 
@@ -90,17 +94,18 @@ CONTAINER_NOUNS: frozenset[str] = frozenset(
 #: Attribute categories (adjectives, and the nouns used as modifiers such as "wooden", "metal", "chocolate").
 ATTRIBUTE_CATEGORIES: dict[str, tuple[str, ...]] = {
     "colour": _words(
-        "red orange yellow green blue purple pink brown black white gray grey silver gold tan beige maroon"
+        "red orange yellow green blue purple pink brown black white gray grey silver gold tan beige maroon cyan "
+        "magenta violet teal navy turquoise lavender indigo crimson"
     ),
     "material": _words(
         "wooden metal plastic glass stone brick leather paper concrete steel cotton wool ceramic marble "
         "wicker iron wood cement rubber tile granite bamboo straw denim silk velvet fur porcelain tin copper "
-        "bronze aluminum foam cardboard clay chrome brass"
+        "bronze aluminum foam cardboard clay chrome brass matte metallic"
     ),
     "size": _words("small large big little tiny huge giant tall short long wide narrow"),
     "shape": _words("round square rectangular circular triangular oval flat curved"),
     "texture": _words("smooth rough soft hard fluffy furry shiny wet dry"),
-    "pattern": _words("striped spotted checkered plaid floral dotted"),
+    "pattern": _words("striped spotted checkered plaid floral dotted solid"),
     "age": _words("young old new antique modern vintage"),
     "state": _words("open closed empty full clean dirty broken lit dark bright messy neat"),
     "food_state": _words("hot cold fresh frozen cooked raw ripe sliced fried grilled toasted"),
@@ -110,12 +115,20 @@ ATTRIBUTE_CATEGORIES: dict[str, tuple[str, ...]] = {
     "sameness": _words("different identical similar matching"),
 }
 
+#: The role of an attribute word (its category above: "colour", "size", "material", "pattern" ...). A swap of
+#: attributes between two noun phrases exchanges words of the same role ("red" with "blue", not with "striped").
+ATTRIBUTE_ROLES: dict[str, str] = {}
+for _category, _members in ATTRIBUTE_CATEGORIES.items():
+    for _word in _members:
+        ATTRIBUTE_ROLES.setdefault(_word, _category)
+del _category, _members, _word
+
 #: Spatial and other relational prepositions. Multiword ones are matched as one unit.
 PREPOSITION_CATEGORIES: dict[str, tuple[str, ...]] = {
     "spatial": _words(
         "on under above below beside behind near in inside outside over across along around through "
         "against beneath into onto atop by next_to in_front_of on_top_of underneath toward towards "
-        "past at"
+        "past at to_the_left_of to_the_right_of on_the_left_of on_the_right_of"
     ),
     "accompaniment": _words("with without"),
 }
@@ -131,6 +144,39 @@ VERB_CATEGORIES: dict[str, tuple[str, ...]] = {
         "grab touch pick wash open close slice serve prepare"
     ),
     "perception": _words("watch look stare talk smile laugh wait pose"),
+}
+
+#: Multiword prepositions have no norm: each is rated as its most telling word.
+MULTIWORD_PREPOSITION_RATED_AS: dict[str, str] = {
+    "next to": "next",
+    "in front of": "front",
+    "on top of": "top",
+    "to the left of": "left",
+    "to the right of": "right",
+    "on the left of": "left",
+    "on the right of": "right",
+}
+
+#: Spatial relation -> its converse relations, best first (the relation that holds with subject and object
+#: exchanged: "A to the left of B" is "B to the right of A"). A relation replacement offers the converse first.
+#: Relations without a clear direction ("on", "in", "near", "with") keep a random replacement of their category.
+CONVERSE_RELATIONS: dict[str, tuple[str, ...]] = {
+    "to the left of": ("to the right of",),
+    "to the right of": ("to the left of",),
+    "on the left of": ("on the right of",),
+    "on the right of": ("on the left of",),
+    "above": ("below", "under", "beneath"),
+    "below": ("above", "over", "on top of"),
+    "over": ("under", "below", "beneath"),
+    "under": ("on top of", "above", "over"),
+    "beneath": ("on top of", "above", "over"),
+    "underneath": ("on top of", "above", "over"),
+    "on top of": ("under", "beneath", "underneath"),
+    "atop": ("under", "beneath", "underneath"),
+    "in front of": ("behind",),
+    "behind": ("in front of",),
+    "inside": ("outside",),
+    "outside": ("inside",),
 }
 
 VERB_STOPLIST: frozenset[str] = frozenset(_words("be have do get make take go come seem appear show"))
@@ -308,6 +354,8 @@ SYNONYM_GROUPS: tuple[frozenset[str], ...] = tuple(
         "on atop onto on_top_of",
         "under beneath below underneath",
         "near by beside next_to at",
+        "to_the_left_of on_the_left_of",
+        "to_the_right_of on_the_right_of",
         "in inside into",
         "over above",
         "toward towards",

@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from slipform_plugin.concreteplant import ConcretePlant, parsing, sampling
+from slipform_plugin.concreteplant import ConcretePlant, sampling
+from slipform_plugin.concreteplant.plant import generator_kwargs
 from slipform_plugin.hard_negatives import HardNegative
 
 logger = logging.getLogger("slipform")
@@ -55,62 +56,22 @@ def sample_uniform(candidates: Sequence[Any], k: int, rng: random.Random, kind_w
 class UniformConcretePlant(ConcretePlant):
     """ConcretePlant's candidates, K of them drawn uniformly within each kind (no concreteness weighting).
 
-    Same arguments as :class:`~slipform_plugin.concreteplant.ConcretePlant`. ``stats`` counts as there.
+    Same arguments as :class:`~slipform_plugin.concreteplant.ConcretePlant`. ``stats`` counts as there. Only the
+    selection hook :meth:`_select` differs; everything else is ConcretePlant's own code.
     """
 
     def __repr__(self) -> str:
         return super().__repr__().replace("ConcretePlant(", "UniformConcretePlant(", 1)
 
-    def plant(self, captions: Sequence[Any], keys: Sequence[Any] | None = None) -> list[list[HardNegative]]:
-        """Up to ``num_negatives`` distinct negatives per caption, deterministic for ``(seed, key)``.
-
-        Never raises on a bad caption (None, bytes, empty, very long ...): it gets fewer or no negatives.
-        """
-        captions = list(captions)
-        texts = [parsing.clean_caption(c) for c in captions]
-        keys = texts if keys is None else [str(k) for k in keys]
-        if len(keys) != len(captions):
-            raise ValueError(
-                f"UniformConcretePlant.plant: expected one key per caption, got {len(keys)} for {len(captions)}"
-            )
-        try:
-            all_candidates = self._candidates_batch(texts, keys, variants=False)
-        except Exception:  # e.g. no spaCy model: every caption gets no negative rather than a dead worker
-            logger.warning("UniformConcretePlant: candidate generation failed", exc_info=True)
-            self.stats["errors"] += len(texts)
-            all_candidates = [[] for _ in texts]
-        results: list[list[HardNegative]] = []
-        for text, key, found in zip(texts, keys, all_candidates, strict=True):
-            self.stats["captions"] += 1
-            try:
-                rng = sampling.caption_rng(self.seed, key, "sample-uniform")
-                chosen = sample_uniform(found, self.num_negatives, rng, self.kind_weights)
-                negatives = [self._to_negative(c) for c in chosen if c.text.strip() != text.strip()]
-            except Exception:  # never let one caption kill a DataLoader worker
-                logger.debug("UniformConcretePlant: sampling failed for %r", text[:200], exc_info=True)
-                self.stats["errors"] += 1
-                negatives = []
-            if not negatives:
-                self.stats["no_negative"] += 1
-            elif len(negatives) < self.num_negatives:
-                self.stats["fewer_than_k"] += 1
-            for negative in negatives:
-                self.stats[f"kind/{negative.kind}"] += 1
-            self.stats["negatives"] += len(negatives)
-            results.append(negatives)
-        return results
-
-    __call__ = plant
+    def _select(self, found: list, key: str, caption: str) -> list:
+        """Up to ``num_negatives`` candidates: kind by ``kind_weights``, then uniform within the kind."""
+        rng = sampling.caption_rng(self.seed, key, "sample-uniform")
+        return sample_uniform(found, self.num_negatives, rng, self.kind_weights)
 
 
 def create_uniform_concreteplant(args: Any) -> UniformConcretePlant:
     """Entry point ``slipform.hard_negatives: concreteplant-uniform``, built from OpenCLIP's ``--hn-*`` flags."""
-    return UniformConcretePlant(
-        num_negatives=3 if getattr(args, "hn_num", None) is None else args.hn_num,
-        seed=getattr(args, "hn_seed", 0) or 0,
-        kinds=getattr(args, "hn_kinds", None),
-        spacy_model=getattr(args, "hn_spacy_model", None),
-    )
+    return UniformConcretePlant(**generator_kwargs(args))
 
 
 def plant_shards(generator: Any, shards: Sequence[Path], out_dir: Path, batch_size: int = 256) -> dict[str, int]:
