@@ -458,6 +458,11 @@ def test_same_role_swap_is_the_binding_swap(plant):
     # Cross-role swaps (a texture word in the colour slot) stay candidates, never samples.
     assert "two small striped matte red circles to the left of a large blue metallic solid square" not in found
     assert "two small metallic matte striped circles to the left of a large blue red solid square" in found
+    # Phrases whose modifiers are all attributes of known role exchange their heads: the shape binding swap.
+    generator = _generator(plant, num_negatives=10, kinds="swap_objects")
+    assert texts(generator.plant([SYNTHETIC], ["k"])[0]) == {
+        "two small red matte striped squares to the left of a large blue metallic solid circle"
+    }
 
 
 def test_swap_attributes_fall_back_to_any_role_without_a_same_role_pair(plant):

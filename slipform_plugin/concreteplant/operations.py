@@ -15,12 +15,22 @@ Targets:
   subject's state ("a dog sitting on ..."), replaced within its category (colour, material, size, ...).
 - ``change_count``: a numeral ("two" -> "four"), or "a"/"an"/"one" before a singular noun ("a dog" ->
   "three dogs"), the noun and a directly following "is"/"was"/"has"/verb made to agree.
-- ``replace_relation``: a preposition (also "next to", "in front of", "on top of") or a verb, replaced
-  within its category and inflected to the same tense and person.
+- ``replace_relation``: a preposition (also "next to", "in front of", "on top of", "to the left of", always
+  replaced as a whole phrase) or a verb, replaced within its category and inflected to the same tense and
+  person. A spatial relation with a converse becomes its converse ("to the left of" -> "to the right of",
+  "above" -> "below", "in front of" -> "behind": ``vocabulary.CONVERSE_RELATIONS``); the random relation of
+  its category is then only a variant.
 - ``swap_attributes``: the modifiers of two different noun phrases exchanged (single adjectives, or the
   whole pre-head modifier span: "black and white cat ... dead leaves" -> "dead cat ... black and white leaves").
+  Same-role swaps first: when the phrases have attributes of the same role (``vocabulary.ATTRIBUTE_ROLES``:
+  colour, size, material, pattern ...), only those are sampled ("two small red circles ... a large blue
+  square" -> "two small blue circles ... a large red square", the binding swap).
 - ``swap_objects``: two different noun phrases exchanged (heads, compounds, nominals without or with their
-  determiners, "a slice of pizza"), never two phrases joined only by "and"/"," (a symmetric swap).
+  determiners, "a slice of pizza"), never two phrases joined only by "and"/"," (a symmetric swap). Heads swap
+  alone when the phrases have no modifiers or only attributes of known role (the shape binding swap).
+
+With a corpus vocabulary (``allowed``), every replacement word (object, attribute, relation, number) is drawn
+from it. Before chunking, :func:`retag` corrects the tags of stacked modifiers from the lexicon.
 
 Scores are within-POS concreteness percentiles of what changed (the mean over both sides of a swap; the
 counted noun for a count change). Variants kept only for completeness of the candidate list (``primary``
@@ -689,24 +699,39 @@ def _swap_object_candidates(a: CaptionAnalysis, variants: bool) -> list[Candidat
 
             same_number = x.head.plural == y.head.plural
             # Without modifiers the heads swap alone; with them, the phrases move with their modifiers
-            # ("a prop plane at an airport" -> "an airport at a prop plane", not "a prop airport at a plane").
+            # ("a prop plane at an airport" -> "an airport at a prop plane", not "a prop airport at a plane"),
+            # unless every modifier is an attribute of known role (colour, size, material ...): then the heads
+            # swap alone too ("a red circle above a blue square" -> "a red square above a blue circle"), the
+            # shape binding swap.
             bare = x.det_end == x.head.first and y.det_end == y.head.first
+            attributive = not bare and _attributes_only(a, x) and _attributes_only(a, y)
+            heads_alone = bare or attributive
             heads = ((x.head.first, x.head.last), (y.head.first, y.head.last))
             if not same_number:
                 inflected = (
                     L.match_case(x.head.text, L.pluralize(x.head.lemma) if y.head.plural else x.head.lemma),
                     L.match_case(y.head.text, L.pluralize(y.head.lemma) if x.head.plural else y.head.lemma),
                 )
-                add(bare, *heads, texts=inflected)
-            add(same_number and bare, *heads)
-            add(same_number and not bare, (x.det_end, x.last), (y.det_end, y.last))
+                add(heads_alone, *heads, texts=inflected)
+            add(same_number and heads_alone, *heads)
+            add(same_number and not heads_alone, (x.det_end, x.last), (y.det_end, y.last))
             add(False, (x.compound_first, x.last), (y.compound_first, y.last))
             full = ((x.first, x.last), (y.first, y.last))
-            add(not same_number, *full, agree=(y.head.plural, x.head.plural))
+            add(not same_number and not attributive, *full, agree=(y.head.plural, x.head.plural))
             add(False, *full)
             if variants:
                 out.extend(_container_swaps(a, x, y, x_ext, y_ext, variants, primary=False))
     return out[: MAX_SWAP_CANDIDATES * 2]
+
+
+def _attributes_only(a: CaptionAnalysis, chunk: Chunk) -> bool:
+    """Whether every modifier between a phrase's determiners and its head is a numeral or an attribute of known
+    role ("two small red matte striped circles"), with no noun compound ("a prop plane", "a fire hydrant")."""
+    if chunk.compound_first != chunk.head.first or chunk.head.last != chunk.head.first:
+        return False
+    return all(
+        a.toks[i].pos == "NUM" or attribute_role(a.lower[i]) is not None for i in range(chunk.det_end, chunk.head.first)
+    )
 
 
 def _container_swaps(
