@@ -90,7 +90,9 @@ MIN_CONCRETENESS = 2.0
 #: Percentile given to an attribute with no rating of its own ("decorated", "glazed").
 UNRATED_PERCENTILE = 0.25
 #: In a caption with no same-role attribute pair, whether attributes of different roles may swap ("a wooden
-#: table and a red vase" -> "a red table and a wooden vase"). Measured on SugarCrepe (see the README).
+#: table and a red vase" -> "a red table and a wooden vase"). Kept: SugarCrepe's own swap_att pairs include such
+#: swaps (61 cross-role against 130 same-role two-word swaps), and on its 4,345 captions turning it off only cut
+#: the sampled swap_attributes share from 4.0% to 3.6%, every other figure equal.
 CROSS_ROLE_FALLBACK = True
 
 
