@@ -218,8 +218,18 @@ def test_quick_experiment_end_to_end(tmp_path):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The negative-using runs read the planted shards, and the uniform ablation its own.
     planted = sorted(p.name for p in (out / "data").iterdir() if p.name.startswith("planted-"))
-    assert planted == ["planted-concreteplant-k3-seed0", "planted-concreteplant-uniform-k3-seed0"]
+    assert planted == [
+        "planted-concreteplant-k3-corpusvocab-seed0",
+        "planted-concreteplant-uniform-k3-corpusvocab-seed0",
+    ]
     assert set(results["negatives_audit"]) == {"concreteplant-seed0", "concreteplant-uniform-seed0"}
+    # With the corpus vocabulary every planted word occurs in the training captions, and ConcretePlant's
+    # attribute swaps exchange same-role attributes: exactly the test's binding swaps.
+    for audit in results["negatives_audit"].values():
+        assert audit and all(entry["in_vocabulary"] == 1.0 for entry in audit.values()), audit
+    assert results["negatives_audit"]["concreteplant-seed0"]["swap_attributes"]["binding_swap"] == 1.0
+    assert all(run["command"][run["command"].index("--model") + 1] == "slipform-micro" for run in runs)
+    assert "attribute swap (held-out)" in table and "material" in table  # the second table
     log_c = (out / "runs" / "c-seed0" / "out.log").read_text()
     assert "Slipform: loss=cement" in log_c and "'precomputed': 64" in log_c
 

@@ -1,8 +1,8 @@
 """``slipform experiment``: the synthetic ablation of ConcretePlant and Cement, with OpenCLIP's own trainer.
 
-Every configuration trains ``slipform-tiny`` with the real ``python -m open_clip_train.main`` command on the
-same training shards, with the same budget (samples, epochs, batch, learning rate) and the same seeds, then
-is scored by ``slipform eval --synthetic`` on the same held-out test shards:
+Every configuration trains ``slipform-micro`` (or ``--model``) with the real ``python -m open_clip_train.main``
+command on the same training shards, with the same budget (samples, epochs, batch, learning rate) and the same seeds,
+then is scored by ``slipform eval --synthetic`` on the same held-out test shards:
 
 ====  ==========================================================  =========================================
 name  training flags                                               what it shows
@@ -51,7 +51,8 @@ from typing import Any
 
 logger = logging.getLogger("slipform")
 
-MODEL = "slipform-tiny"
+#: the default model: a ViT/transformer CLIP of 7M parameters, 16 image tokens of 16 px, context 32
+MODEL = "slipform-micro"
 ALL_CONFIGS: tuple[str, ...] = ("a", "b", "c", "d", "e1", "e2")
 #: configurations run only when named in --configs
 EXTRA_CONFIGS: tuple[str, ...] = ("o",)
@@ -68,6 +69,11 @@ HARD_KINDS: tuple[str, ...] = (
 METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     **{kind: (("hard", kind, "accuracy"), kind.replace("_", " ")) for kind in HARD_KINDS},
     "attribute_swap_heldout": (("hard", "attribute_swap", "accuracy_heldout"), "attribute swap (held-out)"),
+    "attribute_swap_seen": (("hard", "attribute_swap", "accuracy_seen"), "attribute swap (seen)"),
+    **{
+        f"attribute_swap_{attribute}": (("hard", "attribute_swap", "by_attribute", attribute, "accuracy"), attribute)
+        for attribute in ("colour", "size", "material", "texture")
+    },
     "i2t_r1": (("retrieval", "image_to_text", "R@1"), "I→T R@1"),
     "t2i_r1": (("retrieval", "text_to_image", "R@1"), "T→I R@1"),
     "i2t_r5": (("retrieval", "image_to_text", "R@5"), "I→T R@5"),
@@ -88,6 +94,16 @@ TABLE_METRICS: tuple[str, ...] = (
     "t2i_r1",
     "zs_shape",
     "zs_colour",
+)
+#: the columns of the second table: attribute swap split by held-out combinations and by the swapped attribute
+SWAP_TABLE_METRICS: tuple[str, ...] = (
+    "attribute_swap",
+    "attribute_swap_seen",
+    "attribute_swap_heldout",
+    "attribute_swap_colour",
+    "attribute_swap_size",
+    "attribute_swap_material",
+    "attribute_swap_texture",
 )
 
 
@@ -116,8 +132,10 @@ class Settings:
     lr: float
     warmup: int
     image_size: int
+    model: str
     data_seed: int
     hn_num: int
+    corpus_vocabulary: bool
     margin_hard: float
     margin_batch: float
     threads: int
@@ -207,25 +225,42 @@ def make_data(settings: Settings) -> dict[str, Any]:
 
 def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern: str) -> tuple[str, float]:
     """Plant ``generator_name``'s negatives (``--hn-seed seed``) into the train shards once; returns the pattern."""
-    from slipform_plugin.concreteplant import ConcretePlant
+    from slipform_plugin.concreteplant import ConcretePlant, corpus_vocabulary
     from slipform_plugin.concreteplant.offline import expand_shards, is_done
     from slipform_plugin.evaluation.ablations import SyntheticOracleNegatives, UniformConcretePlant, plant_shards
 
     shards = expand_shards([train_pattern])
-    out_dir = settings.out / "data" / f"planted-{generator_name}-k{settings.hn_num}-seed{seed}"
+    vocab_tag = "-corpusvocab" if settings.corpus_vocabulary else ""
+    out_dir = settings.out / "data" / f"planted-{generator_name}-k{settings.hn_num}{vocab_tag}-seed{seed}"
     started = time.perf_counter()
     todo = [s for s in shards if not is_done(s, out_dir)]
     if todo:
+        # Replacement words come from the training captions themselves (--hn-vocab's corpus vocabulary):
+        # a closed world's images can only show its own words.
+        vocabulary = corpus_vocabulary(_captions_of(shards)) if settings.corpus_vocabulary else None
         if generator_name == "synthetic-oracle":
             generator: Any = SyntheticOracleNegatives.from_shards(shards, settings.hn_num, seed)
         elif generator_name == "concreteplant-uniform":
-            generator = UniformConcretePlant(num_negatives=settings.hn_num, seed=seed)
+            generator = UniformConcretePlant(num_negatives=settings.hn_num, seed=seed, vocabulary=vocabulary)
         else:
-            generator = ConcretePlant(num_negatives=settings.hn_num, seed=seed)
+            generator = ConcretePlant(num_negatives=settings.hn_num, seed=seed, vocabulary=vocabulary)
         counts = plant_shards(generator, todo, out_dir)
         logger.info("planted %s (seed %d): %s", generator_name, seed, counts)
     pattern = str(out_dir / Path(train_pattern).name)  # same shard names, brace pattern and all
     return pattern, round(time.perf_counter() - started, 2)
+
+
+def _captions_of(shards: list[Path]) -> list[str]:
+    """The ``.txt`` captions of every sample of ``shards``."""
+    import tarfile
+
+    captions = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".txt"):
+                    captions.append(tar.extractfile(member).read().decode("utf-8"))  # type: ignore[union-attr]
+    return captions
 
 
 def _binding_swaps(scene: dict[str, Any]) -> set[str]:
@@ -298,7 +333,7 @@ def train_command(settings: Settings, config: Config, seed: int, train_pattern: 
     steps = max(1, settings.train_samples // settings.batch_size)
     command = [
         sys.executable, "-m", "open_clip_train.main",
-        "--model", MODEL,
+        "--model", settings.model,
         "--train-data", train_pattern,
         "--train-num-samples", str(settings.train_samples),
         "--dataset-type", "webdataset",
@@ -374,7 +409,7 @@ def run_one(settings: Settings, config: Config, seed: int, train_pattern: str, t
     record.update(parse_train_log(log_text))
     checkpoint = run_dir / "checkpoints" / f"epoch_{settings.epochs}.pt"
     started, cpu_started = time.perf_counter(), _own_cpu_seconds()
-    record["eval"] = evaluate(checkpoint, test_pattern, eval_dir, settings.threads)
+    record["eval"] = evaluate(checkpoint, test_pattern, eval_dir, settings.threads, settings.model)
     record["eval_seconds"] = round(time.perf_counter() - started, 2)
     record["eval_cpu_seconds"] = round(_own_cpu_seconds() - cpu_started, 2)
     record["metrics"] = extract_metrics(record["eval"])
@@ -400,14 +435,14 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def evaluate(checkpoint: Path, test_pattern: str, out_dir: Path, threads: int) -> dict[str, Any]:
+def evaluate(checkpoint: Path, test_pattern: str, out_dir: Path, threads: int, model: str = MODEL) -> dict[str, Any]:
     """``slipform eval --synthetic`` in this process (torch is already imported); returns its eval.json."""
     import torch
 
     from slipform_plugin.evaluation import cli
 
     torch.set_num_threads(threads)
-    argv = ["--model", MODEL, "--pretrained", str(checkpoint), "--synthetic", test_pattern, "--out", str(out_dir)]
+    argv = ["--model", model, "--pretrained", str(checkpoint), "--synthetic", test_pattern, "--out", str(out_dir)]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         status = cli.main(argv)
@@ -448,13 +483,15 @@ def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, di
     return summary
 
 
-def markdown_table(summary: dict[str, dict[str, Any]], configs: dict[str, Config]) -> str:
-    """The results table: accuracy in %, mean ± std over seeds."""
-    header = ["config", "seeds", *(METRICS[m][1] for m in TABLE_METRICS), "train CPU s/run"]
+def markdown_table(
+    summary: dict[str, dict[str, Any]], configs: dict[str, Config], metrics: tuple[str, ...] = TABLE_METRICS
+) -> str:
+    """A results table of ``metrics``: accuracy in %, mean ± std over seeds, and the training CPU seconds."""
+    header = ["config", "seeds", *(METRICS[m][1] for m in metrics), "train CPU s/run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in summary.items():
         cells = [f"({name}) {configs[name].label}", str(len(entry["seeds"]))]
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             stat = entry.get(metric)
             if stat is None:
                 cells.append("n/a")
@@ -504,12 +541,12 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> bool:
 #: defaults of the full experiment and of ``--quick`` (a flag given explicitly wins over both)
 DEFAULTS: dict[str, Any] = {
     "seeds": "0,1,2",
-    "train_samples": 2048,
+    "train_samples": 12288,
     "test_samples": 500,
-    "epochs": 2,
-    "batch_size": 32,
-    "lr": 2e-3,
-    "warmup": 10,
+    "epochs": 1,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "warmup": 20,
 }
 QUICK: dict[str, Any] = {
     "seeds": "0",
@@ -555,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``slipform experiment`` argument parser."""
     p = argparse.ArgumentParser(
         prog="slipform experiment",
-        description="Train slipform-tiny with open_clip_train.main under each configuration (a, b, c, d, e1, e2) "
+        description="Train slipform-micro with open_clip_train.main under each configuration (a, b, c, d, e1, e2) "
         "and seed, evaluate on the synthetic test split, write results.json, results.md and results.png.",
         allow_abbrev=False,
     )
@@ -575,8 +612,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps")
     p.add_argument("--image-size", type=_positive_int, default=64, help="rendered image side (default 64)")
+    p.add_argument(
+        "--model",
+        default=MODEL,
+        help=f"OpenCLIP model config every run trains (default {MODEL}; slipform-tiny: 64 tokens)",
+    )
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     p.add_argument("--hn-num", type=_positive_int, default=3, help="K, hard negatives per caption (default 3)")
+    p.add_argument(
+        "--open-vocabulary",
+        action="store_true",
+        help="let ConcretePlant draw replacement words from its open vocabulary "
+        "(default: only words of the training captions, as --hn-vocab does)",
+    )
     p.add_argument("--cement-margin-hard", type=float, default=0.1, help="mu_h of c, d, e1 (default 0.1)")
     p.add_argument("--cement-margin-batch", type=float, default=0.05, help="mu_b of c, d, e2 (default 0.05)")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads per run (default 2)")
@@ -612,8 +660,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lr=float(pick("lr")),
         warmup=int(pick("warmup")),
         image_size=args.image_size,
+        model=args.model,
         data_seed=args.data_seed,
         hn_num=args.hn_num,
+        corpus_vocabulary=not args.open_vocabulary,
         margin_hard=args.cement_margin_hard,
         margin_batch=args.cement_margin_batch,
         threads=args.threads,
@@ -683,6 +733,8 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
             )
     summary = aggregate(records, settings.configs)
     table = markdown_table(summary, configs)
+    table += "\nAttribute swap by test items (seen / held-out combinations) and by the swapped attribute:\n\n"
+    table += markdown_table(summary, configs, SWAP_TABLE_METRICS)
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
         "configs": {name: asdict(configs[name]) for name in settings.configs},
