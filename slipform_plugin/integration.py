@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slipform_plugin._argtypes import int_in_range, positive_int
+
 logger = logging.getLogger("slipform")
 
 SUPPORTED_OPENCLIP = (3, 0), (4, 0)  # [min, max)
@@ -69,20 +71,6 @@ def unsupported_message(version: str) -> str:
 # Arguments
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0 or value > MAX_HARD_NEGATIVES:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_HARD_NEGATIVES}], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add Slipform's flags to OpenCLIP's parser (a group of their own, listed in ``--help``)."""
     from slipform_plugin.losses import CEMENT_DEFAULTS, LOSS_IMPLS
@@ -107,7 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"Hard-negative generator: one of {', '.join(hard_negative_names())} (default: none).",
     )
     group.add_argument(
-        "--hn-num", type=_non_negative_int, default=3, help="Hard negatives per caption, K (default: 3)."
+        "--hn-num",
+        type=int_in_range(0, MAX_HARD_NEGATIVES),
+        default=3,
+        help="Hard negatives per caption, K (default: 3).",
     )
     group.add_argument("--hn-seed", type=int, default=None, help="Seed of the generator (default: --seed).")
     group.add_argument(
@@ -124,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the training captions); default: no restriction.",
     )
     group.add_argument(
-        "--hn-batch-size", type=_positive_int, default=64, help="Captions per generator call in a worker (64)."
+        "--hn-batch-size", type=positive_int, default=64, help="Captions per generator call in a worker (64)."
     )
     group.add_argument(
         "--cement-margin-hard",

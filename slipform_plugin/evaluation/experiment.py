@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slipform_plugin._argtypes import positive_int
+
 logger = logging.getLogger("slipform")
 
 #: the default model: a ViT/transformer CLIP of 7M parameters, 16 image tokens of 16 px, context 32
@@ -578,16 +580,6 @@ def _config_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``slipform experiment`` argument parser."""
     p = argparse.ArgumentParser(
@@ -605,20 +597,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(ALL_CONFIGS),
         help="subset of a,b,c,d,e1,e2 (default all) and o (oracle diagnostic)",
     )
-    p.add_argument("--train-samples", type=_positive_int, default=None, help="training samples per epoch")
-    p.add_argument("--test-samples", type=_positive_int, default=None, help="test items")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs per run")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size per run")
+    p.add_argument("--train-samples", type=positive_int, default=None, help="training samples per epoch")
+    p.add_argument("--test-samples", type=positive_int, default=None, help="test items")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per run")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="batch size per run")
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps")
-    p.add_argument("--image-size", type=_positive_int, default=64, help="rendered image side (default 64)")
+    p.add_argument("--image-size", type=positive_int, default=64, help="rendered image side (default 64)")
     p.add_argument(
         "--model",
         default=MODEL,
         help=f"OpenCLIP model config every run trains (default {MODEL}; slipform-tiny: 64 tokens)",
     )
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
-    p.add_argument("--hn-num", type=_positive_int, default=3, help="K, hard negatives per caption (default 3)")
+    p.add_argument("--hn-num", type=positive_int, default=3, help="K, hard negatives per caption (default 3)")
     p.add_argument(
         "--open-vocabulary",
         action="store_true",
@@ -627,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cement-margin-hard", type=float, default=0.1, help="mu_h of c, d, e1 (default 0.1)")
     p.add_argument("--cement-margin-batch", type=float, default=0.05, help="mu_b of c, d, e2 (default 0.05)")
-    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads per run (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints")
     p.add_argument(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from slipform_plugin._argtypes import non_negative_int, positive_int
 from slipform_plugin.synthetic.dataset import check_args, heldout_for_seed, make_item
 from slipform_plugin.synthetic.scene import SPLITS
 
@@ -134,26 +135,6 @@ def write_shards(
     return ShardSummary(shards, shard_pattern(out, num_shards), num, seconds)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``slipform make-shards`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -162,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("out", metavar="OUT", help="output directory (created if missing)")
-    parser.add_argument("--num", type=_positive_int, required=True, help="number of samples")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed (also fixes the held-out rule)")
-    parser.add_argument("--shard-size", type=_positive_int, default=256, help="samples per shard (default 256)")
-    parser.add_argument("--image-size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--num", type=positive_int, required=True, help="number of samples")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed (also fixes the held-out rule)")
+    parser.add_argument("--shard-size", type=positive_int, default=256, help="samples per shard (default 256)")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--split", choices=SPLITS, default="train", help="train or test (default train)")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="processes writing shards (default 1)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes writing shards (default 1)")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image encoding (default png)")
     return parser
 
