@@ -73,7 +73,7 @@ def unsupported_message(version: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add Slipform's flags to OpenCLIP's parser (a group of their own, listed in ``--help``)."""
-    from slipform_plugin.losses import CEMENT_DEFAULTS, LOSS_IMPLS
+    from slipform_plugin.losses import CEMENT_DEFAULTS, LOSS_IMPLS, MARGIN_GATES
     from slipform_plugin.registry import hard_negative_names, loss_names
 
     group = parser.add_argument_group("Slipform (hard negatives and the Cement loss)")
@@ -140,6 +140,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=CEMENT_DEFAULTS["difficulty_temperature"],
         help="gamma (> 0) of the difficulty sigmoid (default: %(default)s).",
+    )
+    group.add_argument(
+        "--cement-margin-gate",
+        choices=MARGIN_GATES,
+        default="none",
+        help="none: margins at full strength; hn-accuracy: both margins scaled by a gate in [0, 1] that opens "
+        "with the training hard-negative accuracy above chance (default: %(default)s).",
     )
     group.add_argument(
         "--cement-skip-finite-check",

@@ -4,6 +4,7 @@ masks, margins, the hard-negative accuracy and bad input."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import pytest
@@ -188,6 +189,44 @@ def test_bad_settings_get_a_clear_error():
         CementLoss(use_horovod=True)
 
 
+def test_margin_gate_opens_with_the_excess_hard_negative_accuracy():
+    """hn-accuracy gate: closed (InfoNCE) while negatives tie with the positive, opens as 1 - m^n when all win."""
+    image, _, hard, scores, mask = features(6, 8, negatives=3)
+    text = image.detach().clone()  # perfect positives: every row with a real negative wins
+    margins = dict(margin_hard=0.2, margin_batch=0.1)
+    gated = CementLoss(impl="reference", margin_gate="hn-accuracy", gate_momentum=0.5, **margins)
+    assert gated.gate == 0.0
+    for step in range(1, 4):
+        loss = gated(image, text, 10.0, None, hard, scores, mask)
+        factor = 1 - 0.5**step  # the excess accuracy is 1 at every step
+        assert gated.gate == pytest.approx(factor)
+        expected = cement_loss_reference(
+            image, text, 10.0, hard, scores, mask, margin_hard=0.2 * factor, margin_batch=0.1 * factor
+        )
+        torch.testing.assert_close(loss, expected)
+    # In eval mode the gate is used but not updated.
+    gated.eval()
+    gated(image, text, 10.0, None, hard, scores, mask)
+    assert gated.gate == pytest.approx(1 - 0.5**3)
+    # Negatives identical to the positive never win: the excess accuracy is below chance and the gate stays
+    # shut, so the loss is InfoNCE with the negatives as columns, exactly.
+    shut = CementLoss(impl="chunked", margin_gate="hn-accuracy", **margins)
+    copies = text.detach().unsqueeze(1).expand(-1, 3, -1).clone()
+    loss = shut(image, text, 10.0, None, copies, scores, mask)
+    assert shut.gate == 0.0 and shut.gate_state < 0
+    expected = InfoNCELoss(impl="reference")(image, text, 10.0, None, copies, scores, mask)
+    torch.testing.assert_close(loss, expected)
+    # The default gate is "none": full margins from the first call.
+    assert CementLoss().gate == 1.0
+
+
+def test_margin_gate_settings_are_checked():
+    with pytest.raises(ValueError, match=re.escape("margin_gate must be one of ('none', 'hn-accuracy'), got 'step'")):
+        CementLoss(margin_gate="step")
+    with pytest.raises(ValueError, match=re.escape("gate_momentum must be in [0, 1), got 1.0")):
+        CementLoss(margin_gate="hn-accuracy", gate_momentum=1.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Two gloo processes: equal to OpenCLIP's ClipLoss at K = 0, and to the single-process loss with negatives.
 
@@ -266,3 +305,19 @@ def test_two_processes_equal_clip_loss_and_single_process(tmp_path):
         torch.testing.assert_close(local[rank][1] / world, single_grads[0][rows], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(local[rank][2] / world, single_grads[1][rows], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(local[rank][3] / world, single_grads[2][rows], rtol=1e-4, atol=1e-6)
+
+
+def test_margin_gate_flag_reaches_the_loss():
+    import argparse
+
+    from slipform_plugin.integration import add_arguments
+    from slipform_plugin.losses import create_cement_loss
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--cement-margin-gate", "hn-accuracy"])
+    loss = create_cement_loss(args)
+    assert loss.margin_gate == "hn-accuracy" and loss.gate == 0.0
+    assert create_cement_loss(parser.parse_args([])).margin_gate == "none"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cement-margin-gate", "sometimes"])

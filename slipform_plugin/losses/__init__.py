@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from slipform_plugin.kernels import cement_loss_unchecked, validate_inputs
-from slipform_plugin.losses.reference import cement_loss_reference, hard_negative_accuracy
+from slipform_plugin.losses.reference import cement_loss_reference, hard_negative_accuracy, hard_negative_wins
 
 __all__ = [
+    "MARGIN_GATES",
     "CementLoss",
     "InfoNCELoss",
     "cement_loss_reference",
@@ -60,6 +61,10 @@ def _gather(tensor: Tensor, with_grad: bool, replace_local: bool, rank: int, wor
     return torch.cat(parts, dim=0)
 
 
+#: how the margins are scaled over training (see ``CementLoss``'s ``margin_gate``)
+MARGIN_GATES: tuple[str, ...] = ("none", "hn-accuracy")
+
+
 class CementLoss(nn.Module):
     """Symmetric contrastive loss with calibrated margins and hard-negative columns.
 
@@ -75,6 +80,13 @@ class CementLoss(nn.Module):
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
         check_finite: raise a clear error on NaN/Inf features or ``hn_scores`` outside [0, 1] (costs one
             reduction per tensor).
+        margin_gate: ``"none"`` (margins always at full strength) or ``"hn-accuracy"``: both margins are
+            multiplied by a gate ``g`` in [0, 1] that opens only as far as the model already separates captions
+            from their hard negatives: ``g = clip(EMA of the excess hard-negative accuracy, 0, 1)``, where a
+            batch's excess accuracy is ``sum_i (win_i - 1/(1+k_i)) / sum_i (1 - 1/(1+k_i))`` over rows with
+            ``k_i >= 1`` real negatives (0 at chance, 1 when every caption beats all of its negatives), summed
+            over ranks, updated in training mode only. Batches without real negatives leave ``g`` unchanged.
+        gate_momentum: EMA momentum of the gate (default 0.9).
 
     ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
     hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
@@ -99,6 +111,8 @@ class CementLoss(nn.Module):
         difficulty_temperature: float = CEMENT_DEFAULTS["difficulty_temperature"],
         impl: str = "auto",
         check_finite: bool = True,
+        margin_gate: str = "none",
+        gate_momentum: float = 0.9,
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -114,6 +128,10 @@ class CementLoss(nn.Module):
                 raise ValueError(f"CementLoss: {name} must be a finite number, got {value!r}")
         if not difficulty_temperature > 0:
             raise ValueError(f"CementLoss: difficulty_temperature must be > 0, got {difficulty_temperature!r}")
+        if margin_gate not in MARGIN_GATES:
+            raise ValueError(f"CementLoss: margin_gate must be one of {MARGIN_GATES}, got {margin_gate!r}")
+        if not 0.0 <= gate_momentum < 1.0:
+            raise ValueError(f"CementLoss: gate_momentum must be in [0, 1), got {gate_momentum!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"CementLoss: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.local_loss = local_loss
@@ -128,13 +146,37 @@ class CementLoss(nn.Module):
         self.impl = impl
         self.check_finite = check_finite
         self.hard_negative_meter = HardNegativeMeter()
+        self.margin_gate = margin_gate
+        self.gate_momentum = float(gate_momentum)
+        self.gate_state = 0.0  # EMA of the excess hard-negative accuracy (used when margin_gate="hn-accuracy")
+
+    @property
+    def gate(self) -> float:
+        """The factor in [0, 1] applied to both margins at the next call (1 when ``margin_gate="none"``)."""
+        return 1.0 if self.margin_gate == "none" else min(1.0, max(0.0, self.gate_state))
+
+    def _update_gate(self, wins: Tensor, has_negative: Tensor, hn_mask: Tensor | None, num_hard: int) -> None:
+        """Fold this batch's excess hard-negative accuracy (summed over ranks) into the gate's EMA."""
+        with torch.no_grad():
+            if hn_mask is None:
+                num_real = torch.full(wins.shape, float(num_hard), device=wins.device)
+            else:
+                num_real = hn_mask.bool().sum(dim=1).float()
+            chance = 1.0 / (1.0 + num_real)
+            rows = has_negative.float()
+            sums = torch.stack([((wins.float() - chance) * rows).sum(), ((1.0 - chance) * rows).sum()])
+            if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sums)
+            excess, weight = (float(v) for v in sums)
+        if weight > 0:
+            self.gate_state = self.gate_momentum * self.gate_state + (1.0 - self.gate_momentum) * excess / weight
 
     def extra_repr(self) -> str:
         return (
             f"margin_hard={self.margin_hard}, margin_batch={self.margin_batch}, "
             f"difficulty_offset={self.difficulty_offset}, difficulty_temperature={self.difficulty_temperature}, "
             f"impl={self.impl!r}, local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
-            f"world_size={self.world_size}"
+            f"world_size={self.world_size}, margin_gate={self.margin_gate!r}"
         )
 
     def forward(
@@ -177,8 +219,10 @@ class CementLoss(nn.Module):
         )
         batch = image_features.shape[0]
         if hn_text_features is not None:
-            correct, counted = hard_negative_accuracy(image_features, text_features, hn_text_features, hn_mask)
-            self.hard_negative_meter.update(correct, counted)
+            wins, has_negative = hard_negative_wins(image_features, text_features, hn_text_features, hn_mask)
+            self.hard_negative_meter.update(wins.sum(), has_negative.sum())
+            if self.margin_gate != "none" and self.training:
+                self._update_gate(wins, has_negative, hn_mask, hn_text_features.shape[1])
             if hn_mask is None:
                 hn_mask = torch.ones(hn_text_features.shape[:2], dtype=torch.bool, device=hn_text_features.device)
             if hn_scores is None:
@@ -218,8 +262,8 @@ class CementLoss(nn.Module):
             hn_text_features,
             hn_scores,
             hn_mask,
-            margin_hard=self.margin_hard,
-            margin_batch=self.margin_batch,
+            margin_hard=self.margin_hard * self.gate,
+            margin_batch=self.margin_batch * self.gate,
             difficulty_offset=self.difficulty_offset,
             difficulty_temperature=self.difficulty_temperature,
             logit_bias=logit_bias,
@@ -305,6 +349,7 @@ def create_cement_loss(args: Any) -> CementLoss:
         difficulty_temperature=getattr(
             args, "cement_difficulty_temperature", CEMENT_DEFAULTS["difficulty_temperature"]
         ),
+        margin_gate=getattr(args, "cement_margin_gate", "none"),
     )
 
 

@@ -143,6 +143,20 @@ def hard_negative_accuracy(
     Returns:
         ``(correct, counted)``: number of rows whose positive wins and number of rows with a real negative.
     """
+    wins, has_negative = hard_negative_wins(image_features, text_features, hn_text_features, hn_mask)
+    return wins.sum(), has_negative.sum()
+
+
+def hard_negative_wins(
+    image_features: Tensor, text_features: Tensor, hn_text_features: Tensor, hn_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per row: whether the caption beats all of its image's real hard negatives (raw cosine, no margins).
+
+    Args:
+        image_features: ``[B, D]``; text_features: ``[B, D]``; hn_text_features: ``[B, K, D]``; hn_mask ``[B, K]``.
+    Returns:
+        ``(wins, has_negative)``, both bool ``[B]``; ``wins`` is False where a row has no real negative.
+    """
     with torch.no_grad():
         positive = (image_features.float() * text_features.float()).sum(-1)  # [B]
         hard = torch.einsum("bd,bkd->bk", image_features.float(), hn_text_features.float())
@@ -151,4 +165,4 @@ def hard_negative_accuracy(
         hard = hard.masked_fill(~hn_mask.bool(), float("-inf"))
         has_negative = hn_mask.bool().any(dim=1)
         wins = (positive > hard.max(dim=1).values) & has_negative
-        return wins.sum(), has_negative.sum()
+        return wins, has_negative
