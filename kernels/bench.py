@@ -10,8 +10,16 @@ another's peak:
 Time is the median of ``--repeats`` forward+backward calls after one warm-up call (no warm-up above
 ``--warmup-max`` pairs, where one call takes minutes). Throughput counts ``8 N^2 D`` FLOPs for every
 implementation (the O(N D)-memory floor; the naive loss does 6 N^2 D, so its figure is an upper bound on
-the useful work). The machine's fp32 (or ``--dtype``) matmul rate is measured before and after the sweep, in
-a subprocess as well, for comparison.
+the useful work), plus ``8 N K D`` for the ``K = --hn-num`` hard-negative columns of our paths; the margins'
+element-wise work (a sigmoid per in-batch logit) is not counted, so it shows as a lower rate. The machine's
+fp32 (or ``--dtype``) matmul rate is measured before and after the sweep, in a subprocess as well, for
+comparison.
+
+Margins: ``--margins on`` runs our paths (reference, chunked, triton) as Cement with ``--margin-hard`` and
+``--margin-batch``; ``--margins both`` runs each of them twice, side by side in time, as rows ``IMPL``
+(margins at zero: InfoNCE) and ``IMPL+margins`` on the same inputs, and prints the ratio. ``--hn-num K`` adds
+K hard-negative columns per row (random features, concreteness scores uniform in [0, 1], about a quarter
+masked out) to both rows; ``clip`` and ``infcl`` take no hard negatives and run without them.
 
 Implementations: ``clip`` (OpenCLIP's ``ClipLoss``), ``reference``, ``chunked``, and on CUDA ``triton`` and
 ``infcl`` (Inf-CL's ``cal_inf_loss`` in both directions, when the ``inf_cl`` package is installed).
@@ -23,6 +31,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,6 +41,12 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 ALL_IMPLS = ("clip", "reference", "chunked", "triton", "infcl")
+#: Implementations of ``cement_loss``: the only ones that take margins and hard negatives.
+CEMENT_IMPLS = ("reference", "chunked", "triton")
+MARGIN_MODES = ("off", "on", "both")
+WIDTH = 18  # the impl column of the tables: "reference+margins"
+#: Fraction of hard negatives masked out with --hn-num (rows with fewer real negatives, as in planted data).
+HN_MASKED_FRACTION = 0.25
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -64,7 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--warmup-max", type=int, default=16384, help="no warm-up call above this N")
     parser.add_argument("--scale", type=float, default=50.0, help="logit scale s")
-    parser.add_argument("--margins", action="store_true", help="Cement margins on (mu_b = 0.2) for our paths")
+    parser.add_argument(
+        "--margins",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=MARGIN_MODES,
+        help="Cement margins on our paths: off, on (also a bare --margins), or both: rows IMPL and IMPL+margins",
+    )
+    # Defaults: Cement's documented ones (slipform_plugin.losses.CEMENT_DEFAULTS).
+    parser.add_argument("--margin-hard", type=float, default=0.10, help="mu_h with margins on (default 0.10)")
+    parser.add_argument("--margin-batch", type=float, default=0.05, help="mu_b with margins on (default 0.05)")
+    parser.add_argument(
+        "--hn-num",
+        type=int,
+        default=0,
+        help="K hard negatives per row for our paths, margins on and off alike (random scores and mask; default 0)",
+    )
     parser.add_argument("--block-rows", type=int, default=None, help="chunked path: rows per tile (default: its own)")
     parser.add_argument("--block-cols", type=int, default=None, help="chunked path: columns per tile")
     parser.add_argument(
@@ -87,24 +118,39 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _loss_function(impl: str, args: argparse.Namespace):
-    margins = {"margin_batch": 0.2, "difficulty_offset": 0.0} if args.margins else {}
+def _loss_function(impl: str, args: argparse.Namespace, margins_on: bool):
+    """``fn(image, text, scale, hard, scores, mask) -> loss``; ``clip`` and ``infcl`` ignore the last three."""
     if impl == "clip":
         from open_clip.loss import ClipLoss
 
         clip_loss = ClipLoss()
-        return lambda x, y, s: clip_loss(x, y, s)
+        return lambda x, y, s, *_: clip_loss(x, y, s)
     if impl == "infcl":
         from inf_cl import cal_inf_loss
 
-        return lambda x, y, s: (cal_inf_loss(x, y, scale=s) + cal_inf_loss(y, x, scale=s)) / 2
+        return lambda x, y, s, *_: (cal_inf_loss(x, y, scale=s) + cal_inf_loss(y, x, scale=s)) / 2
     from slipform_plugin.kernels import cement_loss, chunked
 
     if args.block_rows:
         chunked.DEFAULT_BLOCK_ROWS = args.block_rows
     if args.block_cols:
         chunked.DEFAULT_BLOCK_COLS = args.block_cols
-    return lambda x, y, s: cement_loss(x, y, s, impl=impl, check_finite=False, **margins)
+    margins = {"margin_hard": args.margin_hard, "margin_batch": args.margin_batch} if margins_on else {}
+    return lambda x, y, s, h, c, m: cement_loss(x, y, s, h, c, m, impl=impl, check_finite=False, **margins)
+
+
+def _hard_negatives(num: int, args: argparse.Namespace, device, dtype, generator):
+    """``[N, K, D]`` normalised features (requiring grad), ``[N, K]`` scores in [0, 1], ``[N, K]`` bool mask."""
+    import torch
+
+    if args.hn_num == 0:
+        return None, None, None
+    shape = (num, args.hn_num)
+    hard = torch.nn.functional.normalize(torch.randn(*shape, args.dim, generator=generator), dim=-1)
+    hard = hard.to(device=device, dtype=dtype).requires_grad_()
+    scores = torch.rand(*shape, generator=generator).to(device)
+    mask = (torch.rand(*shape, generator=generator) >= HN_MASKED_FRACTION).to(device)
+    return hard, scores, mask
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -138,14 +184,17 @@ def _worker(args: argparse.Namespace) -> int:
     image = image.to(device=device, dtype=dtype).requires_grad_()
     text = text.to(device=device, dtype=dtype).requires_grad_()
     scale = torch.tensor(args.scale, device=device, requires_grad=True)
-    loss_fn = _loss_function(job["impl"], args)
+    hard, scores, mask = _hard_negatives(num, args, device, dtype, generator)
+    loss_fn = _loss_function(job["impl"], args, job["margins"])
 
     def step() -> float:
         image.grad = text.grad = scale.grad = None
+        if hard is not None:
+            hard.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = loss_fn(image, text, scale)
+        loss = loss_fn(image, text, scale, hard, scores, mask)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -189,11 +238,29 @@ def _run_child(args: argparse.Namespace, job: dict, raw_argv: list[str]) -> dict
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _estimate_bytes(impl: str, num: int, dim: int, itemsize: int) -> float:
+def _estimate_bytes(impl: str, num: int, dim: int, itemsize: int, num_hard: int = 0) -> float:
     """Rough peak above the inputs, used only to skip points that cannot fit."""
+    hard = 2.0 * num * num_hard * dim * (4 + itemsize)  # gradient and fp32 copy of the hard negatives
     if impl in ("clip", "reference"):
-        return 5.0 * num * num * 4  # logits, softmax, gradient and temporaries
-    return 4.0 * num * dim * (4 + itemsize) + 64 * 2**20  # fp32 gradients and copies, plus the tiles
+        return 5.0 * num * num * 4 + hard  # logits, softmax, gradient and temporaries
+    return 4.0 * num * dim * (4 + itemsize) + hard + 64 * 2**20  # fp32 gradients and copies, plus the tiles
+
+
+def _variants(impl: str, mode: str) -> list[bool]:
+    """Margins off/on runs of ``impl`` under ``--margins mode`` (only our paths take margins)."""
+    if impl not in CEMENT_IMPLS:
+        return [False]
+    return {"off": [False], "on": [True], "both": [False, True]}[mode]
+
+
+def _label(impl: str, margins_on: bool) -> str:
+    return f"{impl}+margins" if margins_on else impl
+
+
+def _flops(impl: str, num: int, dim: int, num_hard: int) -> float:
+    """FLOPs counted for one forward+backward call: 8 N^2 D, plus 8 N K D for our paths' hard negatives."""
+    columns = num + (num_hard if impl in CEMENT_IMPLS else 0)
+    return 8.0 * num * columns * dim
 
 
 def _resolve_impls(text: str, device: str) -> list[str]:
@@ -257,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     if args.repeats < 1 or args.rounds < 1:
         raise SystemExit(f"--repeats/--rounds: expected >= 1, got {args.repeats}/{args.rounds}")
+    if args.hn_num < 0:
+        raise SystemExit(f"--hn-num: expected an integer >= 0, got {args.hn_num}")
+    for flag, value in (("--margin-hard", args.margin_hard), ("--margin-batch", args.margin_batch)):
+        if not math.isfinite(value):
+            raise SystemExit(f"{flag}: expected a finite number, got {value}")
     device = args.device
     if device == "auto":
         import torch
@@ -274,27 +346,33 @@ def main(argv: list[str] | None = None) -> int:
     rates += [matmul["gflops"]] if "gflops" in matmul else []
     print(f"{args.dtype} matmul rate: {matmul.get('gflops', float('nan')):.1f} GFLOP/s")
     results: dict[tuple[str, int], list[dict]] = {}
-    header = f"{'round':<6}{'impl':<10}{'N':>8}{'peak MiB':>12}{'median s':>11}{'GFLOP/s':>10}  note"
+    if args.hn_num and {"clip", "infcl"} & set(impls):
+        print(f"note: clip and infcl take no hard negatives: they run without the K = {args.hn_num} columns")
+    header = f"{'round':<6}{'impl':<{WIDTH}}{'N':>8}{'peak MiB':>12}{'median s':>11}{'GFLOP/s':>10}  note"
     print(header)
     print("-" * len(header))
     for round_index in range(args.rounds):
         for num in args.sizes:
             for impl in impls:
-                estimate = _estimate_bytes(impl, num, args.dim, itemsize)
-                if estimate > budget:
-                    result = {
-                        "error": f"skipped: estimated {estimate / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
-                    }
-                else:
-                    result = _run_child(args, {"impl": impl, "n": num, "device": device}, raw_argv)
-                results.setdefault((impl, num), []).append(result)
-                if "error" in result:
-                    print(f"{round_index:<6}{impl:<10}{num:>8}{'-':>12}{'-':>11}{'-':>10}  {result['error']}")
-                else:
-                    gflops = 8.0 * num * num * args.dim / result["seconds"] / 1e9
-                    peak = result["peak_bytes"] / 2**20
-                    print(f"{round_index:<6}{impl:<10}{num:>8}{peak:>12.1f}{result['seconds']:>11.3f}{gflops:>10.1f}")
-                sys.stdout.flush()
+                # Margins off and on back to back: a load change on the shared machine hits both alike.
+                for margins_on in _variants(impl, args.margins):
+                    label = _label(impl, margins_on)
+                    estimate = _estimate_bytes(impl, num, args.dim, itemsize, args.hn_num)
+                    if estimate > budget:
+                        gib = f"{estimate / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
+                        result = {"error": f"skipped: estimated {gib}"}
+                    else:
+                        job = {"impl": impl, "n": num, "device": device, "margins": margins_on}
+                        result = _run_child(args, job, raw_argv)
+                    results.setdefault((label, num), []).append(result)
+                    start = f"{round_index:<6}{label:<{WIDTH}}{num:>8}"
+                    if "error" in result:
+                        print(f"{start}{'-':>12}{'-':>11}{'-':>10}  {result['error']}")
+                    else:
+                        gflops = _flops(impl, num, args.dim, args.hn_num) / result["seconds"] / 1e9
+                        peak = result["peak_bytes"] / 2**20
+                        print(f"{start}{peak:>12.1f}{result['seconds']:>11.3f}{gflops:>10.1f}")
+                    sys.stdout.flush()
         matmul = _run_child(args, {"impl": "matmul", "n": 0, "device": device}, raw_argv)
         rates += [matmul["gflops"]] if "gflops" in matmul else []
         print(f"{args.dtype} matmul rate after round {round_index}: {matmul.get('gflops', float('nan')):.1f} GFLOP/s")
@@ -302,15 +380,24 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     failures = 0
     for num in args.sizes:
-        for impl in impls:
-            row = {"impl": impl, "n": num, "dim": args.dim, "dtype": args.dtype, "device": device}
-            good = [result for result in results[(impl, num)] if "error" not in result]
-            errors = [result["error"] for result in results[(impl, num)] if "error" in result]
+        for impl, margins_on in [(name, on) for name in impls for on in _variants(name, args.margins)]:
+            label = _label(impl, margins_on)
+            num_hard = args.hn_num if impl in CEMENT_IMPLS else 0
+            row = {"impl": label, "n": num, "dim": args.dim, "dtype": args.dtype, "device": device}
+            row.update(
+                hn_num=num_hard,
+                margin_hard=args.margin_hard if margins_on else 0.0,
+                margin_batch=args.margin_batch if margins_on else 0.0,
+            )
+            good = [result for result in results[(label, num)] if "error" not in result]
+            errors = [result["error"] for result in results[(label, num)] if "error" in result]
             failures += sum(not error.startswith("skipped") for error in errors)
+            if args.hn_num and not num_hard:
+                errors.insert(0, "without hard negatives")
             if good:
                 calls = [value for result in good for value in result["all_seconds"]]
                 seconds = statistics.median(calls)
-                gflops = 8.0 * num * num * args.dim / seconds / 1e9
+                gflops = _flops(impl, num, args.dim, num_hard) / seconds / 1e9
                 row.update(
                     peak_mib=round(max(result["peak_bytes"] for result in good) / 2**20, 1),
                     seconds=round(seconds, 4),
@@ -324,14 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             row["fraction_of_matmul"] = round(row["gflops"] / matmul_rate, 3) if row["gflops"] != "" else ""
             rows.append(row)
     print(f"\nall rounds: {args.dtype} matmul rates {', '.join(f'{rate:.1f}' for rate in rates)} GFLOP/s")
-    print(f"{'impl':<10}{'N':>8}{'peak MiB':>12}{'median s':>11}{'GFLOP/s':>10}  note")
+    print(f"{'impl':<{WIDTH}}{'N':>8}{'peak MiB':>12}{'median s':>11}{'GFLOP/s':>10}  note")
     for row in rows:
+        start = f"{row['impl']:<{WIDTH}}{row['n']:>8}"
         if row["seconds"] == "":
-            print(f"{row['impl']:<10}{row['n']:>8}{'-':>12}{'-':>11}{'-':>10}  {row['note']}")
+            print(f"{start}{'-':>12}{'-':>11}{'-':>10}  {row['note']}")
         else:
-            print(
-                f"{row['impl']:<10}{row['n']:>8}{row['peak_mib']:>12.1f}{row['seconds']:>11.3f}{row['gflops']:>10.1f}"
-            )
+            print(f"{start}{row['peak_mib']:>12.1f}{row['seconds']:>11.3f}{row['gflops']:>10.1f}")
     _summarise(rows, matmul_rate)
 
     csv_path = args.out / "bench_loss.csv"
@@ -339,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    title = f"loss fwd+bwd, D={args.dim}, {args.dtype}, {device}" + (", margins" if args.margins else "")
+    title = f"loss fwd+bwd, D={args.dim}, {args.dtype}, {device}"
+    if args.margins != "off":
+        title += f", margins {args.margins} (mu_h={args.margin_hard}, mu_b={args.margin_batch})"
+    if args.hn_num:
+        title += f", K={args.hn_num}"
     _plot(rows, args.out / "bench_loss.png", title)
     print(f"wrote {csv_path} and {args.out / 'bench_loss.png'}")
     return 1 if failures else 0
@@ -355,7 +445,18 @@ def _summarise(rows: list[dict], matmul_rate: float) -> None:
         if clip and impl != "clip":
             memory = clip["peak_mib"] / row["peak_mib"] if row["peak_mib"] else float("inf")
             ratio = f"memory clip/{impl} = {memory:.1f}x, time {impl}/clip = {row['seconds'] / clip['seconds']:.2f}"
-        print(f"  {impl:<10}N={num:<7} {row['gflops'] / matmul_rate:6.1%} of matmul  {ratio}")
+        print(f"  {impl:<{WIDTH}}N={num:<7} {row['gflops'] / matmul_rate:6.1%} of matmul  {ratio}")
+    pairs = [(label, label.removesuffix("+margins"), num) for label, num in by_key if label.endswith("+margins")]
+    pairs = [(label, plain, num) for label, plain, num in pairs if (plain, num) in by_key]
+    if pairs:
+        print("margins on against off, same inputs, measured side by side (memory, time):")
+    for label, plain, num in sorted(pairs, key=lambda key: (key[2], key[0])):
+        on, off = by_key[(label, num)], by_key[(plain, num)]
+        memory = on["peak_mib"] / off["peak_mib"] if off["peak_mib"] else float("inf")
+        print(
+            f"  {label:<{WIDTH}}N={num:<7} memory on/off = {memory:.2f}x, time on/off = "
+            f"{on['seconds'] / off['seconds']:.2f}"
+        )
 
 
 if __name__ == "__main__":

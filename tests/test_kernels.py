@@ -8,7 +8,9 @@ set at the top of this module, before anything imports that file. Shapes stay ti
 
 from __future__ import annotations
 
+import math
 import os
+import re
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -328,3 +330,33 @@ def test_bench_loss_writes_csv_and_plot(tmp_path):
     for row in rows:
         assert float(row["seconds"]) > 0 and float(row["gflops"]) > 0 and float(row["matmul_gflops"]) > 0
     assert (out / "bench_loss.png").stat().st_size > 1000
+
+
+def test_bench_loss_margins_both_side_by_side(tmp_path, capsys):
+    """``--margins both --hn-num K``: rows IMPL and IMPL+margins on the same inputs, finite numbers, the ratio."""
+    import csv
+
+    import slipform_plugin.kernels.bench as bench
+
+    from slipform_plugin.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["bench-loss", "--sizes", "64", "--dim", "8", "--impls", "clip,chunked", "--repeats", "1"]
+    argv += ["--margins", "both", "--margin-hard", "0.1", "--margin-batch", "0.05", "--hn-num", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    with open(out / "bench_loss.csv") as handle:
+        rows = {row["impl"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["clip", "chunked", "chunked+margins"]
+    for row in rows.values():
+        for key in ("seconds", "gflops", "peak_mib", "matmul_gflops"):
+            assert math.isfinite(float(row[key])) and float(row[key]) >= 0, (key, row)
+        assert float(row["seconds"]) > 0 and float(row["gflops"]) > 0
+    assert (rows["chunked"]["hn_num"], rows["chunked+margins"]["hn_num"], rows["clip"]["hn_num"]) == ("3", "3", "0")
+    assert float(rows["chunked"]["margin_batch"]) == 0.0 and float(rows["chunked+margins"]["margin_batch"]) == 0.05
+    assert float(rows["chunked+margins"]["margin_hard"]) == 0.1
+    assert rows["clip"]["note"] == "without hard negatives"
+    # FLOPs: 8 N (N + K) D for our paths (the K columns counted), 8 N^2 D for ClipLoss.
+    assert bench._flops("chunked", 64, 8, 3) == 8 * 64 * (64 + 3) * 8
+    assert bench._flops("clip", 64, 8, 3) == 8 * 64 * 64 * 8
+    printed = capsys.readouterr().out
+    assert re.search(r"chunked\+margins +N=64 +memory on/off = [\d.]+x, time on/off = [\d.]+", printed), printed
