@@ -102,6 +102,18 @@ def _slurm_log(workdir: Path, job_name: str, job_id: str) -> str:
     return (workdir / "logs" / f"{job_name}_{job_id}.out").read_text(errors="replace")
 
 
+def _wait_nodes_idle(cluster, timeout: float = 60.0) -> None:
+    """Wait until every node of the cluster reports the idle state (sinfo), or fail the test naming the states."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.splitlines()
+        states = [line.split() for line in lines if line.strip()]
+        if states and all(state == "idle" for _, state in states):
+            return
+        assert time.monotonic() < deadline, f"nodes not idle after {timeout} s: {states}"
+        time.sleep(0.25)
+
+
 def _lines(log: str, tag: str) -> list[str]:
     return [line for line in log.splitlines() if f"] {tag} job=" in line]
 
@@ -170,11 +182,14 @@ def test_usr1_requeues_and_resumes(cluster, workdir, shards):
             break
         assert time.monotonic() < deadline, f"not requeued: {record['JobState']} restarts={record['Restarts']}"
         time.sleep(0.25)
+    # Release the requeued job only once both nodes are idle again: the killed step of the first run can keep
+    # a node busy for a moment, and a start then fails before the script runs (seen in CI and once here).
+    _wait_nodes_idle(cluster)
     cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
 
     (record,) = cluster.wait(job, timeout=JOB_TIMEOUT)
     log = _slurm_log(workdir, name, job)
-    assert record["JobState"] == "COMPLETED", log[-3000:]
+    assert record["JobState"] == "COMPLETED", (record, log[-3000:], cluster.slurmd_log("node1")[-2000:])
     assert record["ExitCode"] == "0:0" and record["Restarts"] == "1"
     assert "USR1 received: requeueing job" in log
     starts, ends = _lines(log, "START"), _lines(log, "END")
