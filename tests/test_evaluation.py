@@ -340,12 +340,13 @@ def test_synthetic_benchmark_metrics(tmp_path, checkpoint, direct):
     assert "attribute_swap" in md and "R@5" in md and "zero-shot" in md
 
 
-def test_synthetic_retrieval_is_perfect_for_an_oracle_encoder(tmp_path):
+@pytest.mark.parametrize("world", ["default", "simple"])
+def test_synthetic_retrieval_is_perfect_for_an_oracle_encoder(tmp_path, world):
     """The retrieval and zero-shot code, with features that encode the caption exactly, must score 100%."""
     from slipform_plugin.evaluation.synthetic import evaluate_synthetic, read_samples
 
-    write_shards(tmp_path, 12, seed=2, split="test")
-    samples = read_samples(tmp_path)
+    write_shards(tmp_path / world, 12, seed=2, split="test", world=world)
+    samples = read_samples(tmp_path / world)
     by_key = {s["key"]: s for s in samples}
     from slipform_plugin.synthetic import COLOURS, MATERIALS, SHAPES, SIZES, TEXTURES
 
@@ -384,6 +385,10 @@ def test_synthetic_retrieval_is_perfect_for_an_oracle_encoder(tmp_path):
     assert all(res["hard"][k]["accuracy"] == 1.0 for k in HARD_KINDS)
     assert res["retrieval"]["image_to_text"]["R@1"] == 1.0 and res["retrieval"]["text_to_image"]["R@1"] == 1.0
     assert res["zero_shot"]["shape"]["accuracy"] == 1.0 and res["zero_shot"]["colour"]["accuracy"] == 1.0
+    other = "simple" if world == "default" else "default"
+    write_shards(tmp_path / other, 2, seed=2, split="test", world=other)
+    with pytest.raises(ValueError, match="the samples must come from one world"):
+        evaluate_synthetic(Oracle(), samples + read_samples(tmp_path / other))
 
 
 # -------------------------------------------------------------------------------------- checkpoint checks

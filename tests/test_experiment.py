@@ -173,6 +173,20 @@ def test_configs_differ_only_where_they_should():
     assert configs["e2"].flags[configs["e2"].flags.index("--cement-margin-hard") + 1] == "0"
 
 
+def test_world_flag_reaches_the_shards(tmp_path):
+    from slipform_plugin.evaluation.experiment import build_parser, make_data, settings_from_args
+
+    argv = ["--quick", "--out", str(tmp_path), "--world", "simple", "--train-samples", "8", "--test-samples", "4"]
+    settings = settings_from_args(build_parser().parse_args(argv))
+    assert settings.world == "simple"
+    make_data(settings)
+    for split in ("train", "test"):
+        info = json.loads((tmp_path / "data" / split / "slipform-synthetic.json").read_text())
+        assert info["world"] == "simple" and info["split"] == split
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--world", "huge"])
+
+
 def test_parse_train_log():
     log = (
         "Train Epoch: 0 [64/128 (50%)] Data (t): 0.1 Batch (t): 1.0, 61.5/s, 61.5/s/gpu LR: 0.001 "
@@ -251,5 +265,8 @@ def test_oracle_negatives_planted_and_audited(tmp_path):
     assert all(entry["in_vocabulary"] == 1.0 and entry["n"] == 12 for entry in audit.values())
     assert audit["swap_attributes"]["binding_swap"] == 1.0 and audit["swap_objects"]["binding_swap"] == 1.0
     assert audit["replace_attribute"]["binding_swap"] == 0.0
+    # Audited against the simple world, whose captions are all matte and solid, the default world's
+    # material and texture words are out of vocabulary.
+    assert audit_negatives(tmp_path / "planted", world="simple")["swap_attributes"]["in_vocabulary"] < 1.0
     first = oracle.plant(["x"], ["train000000000"])[0]
     assert first == oracle.plant(["x"], ["train000000000"])[0] and oracle.plant(["x"], ["unknown"]) == [[]]

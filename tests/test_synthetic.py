@@ -27,6 +27,7 @@ from slipform_plugin.synthetic import (
     write_shards,
 )
 from slipform_plugin.synthetic.render import render_array
+from slipform_plugin.synthetic.scene import WORLDS, get_world
 from slipform_plugin.synthetic.shards import main as make_shards_main
 
 COUNTS = {"a": 1, "an": 1, "two": 2, "three": 3}
@@ -89,6 +90,14 @@ def test_items():
     return [make_item(3, "test", i, 64) for i in range(300)]
 
 
+@pytest.fixture(scope="module", params=["default", "simple"])
+def world_items(request, test_items):
+    """300 test items of each world (the default world's are ``test_items``)."""
+    if request.param == "default":
+        return test_items
+    return [make_item(3, "test", i, 64, world=request.param) for i in range(300)]
+
+
 def test_make_item_is_deterministic_and_seed_dependent():
     a, b = make_item(0, "train", 17), make_item(0, "train", 17)
     assert np.array_equal(a.image, b.image) and a.meta == b.meta
@@ -98,8 +107,8 @@ def test_make_item_is_deterministic_and_seed_dependent():
     assert make_item(0, "train", 5, image_size=32).image.shape == (32, 32, 3)
 
 
-def test_true_caption_holds_and_every_hard_caption_is_false(test_items):
-    for item in test_items:
+def test_true_caption_holds_and_every_hard_caption_is_false(world_items):
+    for item in world_items:
         objects = item.meta["scene"]["objects"]
         truth = parse(item.caption)
         assert holds(truth, objects), item.caption
@@ -109,8 +118,8 @@ def test_true_caption_holds_and_every_hard_caption_is_false(test_items):
             assert not holds(parse(hard["caption"]), objects), (kind, item.caption, hard["caption"])
 
 
-def test_hard_captions_differ_in_the_stated_way(test_items):
-    for item in test_items:
+def test_hard_captions_differ_in_the_stated_way(world_items):
+    for item in world_items:
         truth = parse(item.caption)
         for kind, hard in item.hard.items():
             neg = parse(hard["caption"])
@@ -136,6 +145,32 @@ def test_hard_caption_kinds_cover_every_attribute(test_items):
     swapped = {item.hard["attribute_swap"]["attribute"] for item in test_items}
     replaced = {item.hard["attribute_replace"]["attribute"] for item in test_items}
     assert swapped == replaced == {"size", "colour", "material", "texture"}
+
+
+def test_simple_world_keeps_to_its_values_and_sizes():
+    simple = WORLDS["simple"]
+    items = [make_item(3, "train", i, 64, world="simple") for i in range(200)]
+    assert all(item.meta["world"] == "simple" for item in items)
+    assert make_item(3, "train", 0).meta["world"] == "default"
+    radii = {"small": 0.11 * 64, "large": 0.17 * 64}
+    for item in items:
+        scene = item.meta["scene"]
+        assert len(scene["distractors"]) <= simple.max_distractors
+        assert scene["subject"]["count"] <= 2 and scene["reference"]["count"] <= 2
+        for obj in scene["objects"]:
+            assert obj["material"] == "matte" and obj["texture"] == "solid"
+            assert obj["radius"] == pytest.approx(radii[obj["size"]], abs=0.01)
+        # no hard caption names a material or texture the world does not have
+        for hard in item.hard.values():
+            assert "metallic" not in hard["caption"] and " striped " not in hard["caption"], hard
+    swapped = {item.hard["attribute_swap"]["attribute"] for item in items}
+    replaced = {item.hard["attribute_replace"]["attribute"] for item in items}
+    assert swapped == replaced == {"size", "colour"} == set(simple.attributes)
+    assert get_world("default") is WORLDS["default"] and get_world(simple) is simple
+    with pytest.raises(ValueError, match="world must be one of default, simple, got 'huge'"):
+        make_item(0, "train", 0, world="huge")
+    with pytest.raises(ValueError, match="world must be one of"):
+        write_shards(Path("unused"), 4, world="huge")
 
 
 def test_heldout_combinations_absent_from_train_and_present_in_test(test_items):
@@ -222,6 +257,18 @@ def test_shards_jpg_and_test_split(tmp_path, capsys):
     assert all(set(s["json"]["hard"]) == set(HARD_KINDS) for s in samples)
 
 
+def test_make_shards_world_flag(tmp_path, capsys):
+    import webdataset as wds
+
+    assert make_shards_main([str(tmp_path), "--num", "6", "--seed", "1", "--world", "simple"]) == 0
+    info = json.loads((tmp_path / "slipform-synthetic.json").read_text())
+    assert info["world"] == "simple"
+    samples = list(wds.WebDataset(str(tmp_path / "shard-00000.tar"), shardshuffle=False).decode("pil"))
+    for index, sample in enumerate(samples):
+        assert sample["json"]["world"] == "simple"
+        assert sample["txt"] == make_item(1, "train", index, world="simple").caption
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -230,6 +277,7 @@ def test_shards_jpg_and_test_split(tmp_path, capsys):
         (["--num", "3", "--split", "val"], "--split: invalid choice"),
         (["--num", "3", "--shard-size", "-1"], "--shard-size: expected a positive integer"),
         (["--num", "3", "--image-size", "8"], "image_size must be an integer in [24, 1024], got 8"),
+        (["--num", "3", "--world", "huge"], "--world: invalid choice: 'huge'"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):

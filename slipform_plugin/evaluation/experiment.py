@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from slipform_plugin._argtypes import positive_int
+from slipform_plugin.synthetic.scene import WORLDS, get_world
 
 logger = logging.getLogger("slipform")
 
@@ -145,6 +146,7 @@ class Settings:
     keep_going: bool
     keep_checkpoints: bool
     extra_train_args: list[str] = field(default_factory=list)
+    world: str = "default"
 
 
 def build_configs(margin_hard: float, margin_batch: float) -> dict[str, Config]:
@@ -210,7 +212,13 @@ def make_data(settings: Settings) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for split, num in (("train", settings.train_samples), ("test", settings.test_samples)):
         directory = data / split
-        expected = {"num_samples": num, "seed": settings.data_seed, "split": split, "image_size": settings.image_size}
+        expected = {
+            "num_samples": num,
+            "seed": settings.data_seed,
+            "split": split,
+            "image_size": settings.image_size,
+            "world": settings.world,
+        }
         if not _shards_ready(directory, expected):
             shutil.rmtree(directory, ignore_errors=True)
             if split == "train":  # negatives planted into older training shards are stale
@@ -218,7 +226,14 @@ def make_data(settings: Settings) -> dict[str, Any]:
                     shutil.rmtree(planted, ignore_errors=True)
             shard_size = max(64, math.ceil(num / 8)) if split == "train" else num
             write_shards(
-                directory, num, settings.data_seed, shard_size, settings.image_size, split, workers=settings.threads
+                directory,
+                num,
+                settings.data_seed,
+                shard_size,
+                settings.image_size,
+                split,
+                workers=settings.threads,
+                world=settings.world,
             )
         result[split] = json.loads((directory / "slipform-synthetic.json").read_text())["pattern"]
     result["seconds"] = round(time.perf_counter() - started, 2)
@@ -279,7 +294,7 @@ def _binding_swaps(scene: dict[str, Any]) -> set[str]:
     return swaps
 
 
-def audit_negatives(planted_dir: Path) -> dict[str, dict[str, float]]:
+def audit_negatives(planted_dir: Path, world: str = "default") -> dict[str, dict[str, float]]:
     """Per kind of planted negative: count, mean score, and how many are *in-domain*.
 
     ``in_vocabulary``: every word of the negative occurs in the synthetic captions' vocabulary (otherwise a text
@@ -289,18 +304,10 @@ def audit_negatives(planted_dir: Path) -> dict[str, dict[str, float]]:
     """
     import tarfile
 
-    from slipform_plugin.synthetic.scene import (
-        COLOURS,
-        COUNT_WORDS,
-        MATERIALS,
-        PLURALS,
-        RELATIONS,
-        SHAPES,
-        SIZES,
-        TEXTURES,
-    )
+    from slipform_plugin.synthetic.scene import COLOURS, COUNT_WORDS, PLURALS, RELATIONS, SHAPES, SIZES
 
-    vocabulary = {*COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *MATERIALS, *TEXTURES, *COUNT_WORDS.values(), "an"}
+    materials, textures = get_world(world).materials, get_world(world).textures
+    vocabulary = {*COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *materials, *textures, *COUNT_WORDS.values(), "an"}
     vocabulary |= {word for relation in RELATIONS for word in relation.split()}
     counts: dict[str, dict[str, float]] = {}
     for path in sorted(planted_dir.glob("*.tar")):
@@ -605,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps")
     p.add_argument("--image-size", type=positive_int, default=64, help="rendered image side (default 64)")
     p.add_argument(
+        "--world",
+        choices=tuple(WORLDS),
+        default="default",
+        help="synthetic world of train and test data (default: the benchmark; simple: the calibration world)",
+    )
+    p.add_argument(
         "--model",
         default=MODEL,
         help=f"OpenCLIP model config every run trains (default {MODEL}; slipform-tiny: 64 tokens)",
@@ -663,6 +676,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         keep_going=args.keep_going,
         keep_checkpoints=args.keep_checkpoints,
         extra_train_args=list(args.train_arg),
+        world=args.world,
     )
 
 
@@ -704,7 +718,7 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
                     planted[config.negatives], seconds = plant_data(settings, config.negatives, seed, data["train"])
                     plant_seconds[f"{config.negatives}-seed{seed}"] = seconds
                     planted_dir = Path(planted[config.negatives]).parent
-                    audits[f"{config.negatives}-seed{seed}"] = audit_negatives(planted_dir)
+                    audits[f"{config.negatives}-seed{seed}"] = audit_negatives(planted_dir, settings.world)
                 pattern = planted[config.negatives]
             print(f"run {name} seed {seed}: {' '.join(config.flags)} ...", flush=True)
             try:

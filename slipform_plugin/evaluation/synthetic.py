@@ -11,7 +11,8 @@ Metrics (all from the test split's stored metadata):
   (a retrieved caption or image counts when its caption text equals the query's, so duplicates are fair).
 - ``zero_shot``: shape and colour classification of the subject alone (its objects re-rendered from the stored
   layout without the reference and distractors), with one class embedding per value: the mean embedding of
-  the noun phrases "a <size> <colour> <material> <texture> <shape>" over all values of the other attributes.
+  the noun phrases "a <size> <colour> <material> <texture> <shape>" over all values of the other attributes
+  in the samples' world.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from slipform_plugin.evaluation.core import ChoiceItem, Encoder, LazyImage, accuracy_by_group, choice_correct
-from slipform_plugin.synthetic.scene import COLOURS, HARD_KINDS, MATERIALS, SHAPES, SIZES, TEXTURES, Placed
+from slipform_plugin.synthetic.scene import COLOURS, HARD_KINDS, SHAPES, SIZES, Placed, World, get_world
 
 _IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -102,8 +103,8 @@ def _subject_render(meta: dict[str, Any], image_size: int):
     return load
 
 
-def _class_embeddings(encoder: Encoder, attribute: str) -> tuple[list[str], Any]:
-    """``(values, [len(values), D])``: per value, the normalised mean embedding of its noun phrases."""
+def _class_embeddings(encoder: Encoder, attribute: str, world: World) -> tuple[list[str], Any]:
+    """``(values, [len(values), D])``: per value, the normalised mean embedding of its noun phrases in ``world``."""
     import torch
 
     values = {"shape": SHAPES, "colour": tuple(COLOURS)}[attribute]
@@ -111,7 +112,7 @@ def _class_embeddings(encoder: Encoder, attribute: str) -> tuple[list[str], Any]
     for value in values:
         phrases = []
         for size, colour, material, texture, shape in itertools.product(
-            SIZES, COLOURS if attribute != "colour" else (value,), MATERIALS, TEXTURES,
+            SIZES, COLOURS if attribute != "colour" else (value,), world.materials, world.textures,
             SHAPES if attribute != "shape" else (value,),
         ):  # fmt: skip
             article = "an" if size[0] in "aeiou" else "a"
@@ -173,8 +174,12 @@ def evaluate_synthetic(encoder: Encoder, samples: list[dict[str, Any]]) -> dict[
     size = _image_size(samples[0])
     subject_images = [LazyImage(("subject", s["key"]), _subject_render(s["meta"], size)) for s in samples]
     subject_feats = encoder.images(subject_images).numpy()
+    worlds = sorted({s["meta"].get("world", "default") for s in samples})
+    if len(worlds) != 1:
+        raise ValueError(f"--synthetic: the samples must come from one world, got {', '.join(worlds)}")
+    world = get_world(worlds[0])
     for attribute in ("shape", "colour"):
-        values, class_feats = _class_embeddings(encoder, attribute)
+        values, class_feats = _class_embeddings(encoder, attribute, world)
         predicted = np.argmax(subject_feats @ class_feats.numpy().T, axis=1)
         truth = np.array([values.index(s["meta"]["scene"]["subject"][attribute]) for s in samples])
         zero_shot[attribute] = {"accuracy": float((predicted == truth).mean()), "classes": len(values)}

@@ -19,6 +19,8 @@ from slipform_plugin.synthetic.scene import (
     HeldOut,
     LayoutError,
     Scene,
+    World,
+    get_world,
     hard_captions,
     layout_scene,
     sample_scene,
@@ -55,20 +57,22 @@ def check_args(seed: int, split: str, image_size: int) -> None:
         raise ValueError(f"image_size must be an integer in [{MIN_IMAGE_SIZE}, 1024], got {image_size!r}")
 
 
-def make_item(seed: int, split: str, index: int, image_size: int = 64) -> SyntheticItem:
-    """Item ``index`` of the ``split`` split generated from ``seed`` (held-out rule included)."""
+def make_item(seed: int, split: str, index: int, image_size: int = 64, world: str | World = "default") -> SyntheticItem:
+    """Item ``index`` of the ``split`` split of ``world`` (a name in ``WORLDS``) generated from ``seed``
+    (held-out rule included)."""
     check_args(seed, split, image_size)
+    world = get_world(world)
     rng = random.Random(f"slipform-{seed}-{split}-{index}")
     heldout = heldout_for_seed(seed)
     for _ in range(50):
         try:
-            scene = layout_scene(sample_scene(rng, split, heldout), rng, image_size)
+            scene = layout_scene(sample_scene(rng, split, heldout, world), rng, image_size, world)
             break
         except LayoutError:
             continue
     else:
         raise LayoutError(f"no scene fitted a {image_size}px canvas in 50 tries; use a larger image_size")
-    hard = hard_captions(scene, rng)
+    hard = hard_captions(scene, rng, world)
     image = render_array(scene, image_size, background=rng.randint(20, 45))
     key = f"{split}{index:09d}"
     caption = scene.caption()
@@ -76,6 +80,7 @@ def make_item(seed: int, split: str, index: int, image_size: int = 64) -> Synthe
         "key": key,
         "seed": seed,
         "split": split,
+        "world": world.name,
         "index": index,
         "caption": caption,
         "hard": hard,

@@ -14,6 +14,11 @@ Guarantees that make every hard caption false for its image (tests check them):
 Held-out combinations (:class:`HeldOut`) are derived from the seed alone: some colour-shape pairs and some
 (subject shape, relation, reference shape) triples never occur in the ``train`` split, and about half of the
 ``test`` items contain at least one of them.
+
+A :class:`World` (presets in :data:`WORLDS`) says which materials and textures occur, how large objects are drawn,
+and how many objects a scene holds: ``default`` is the benchmark; ``simple`` (one material, one texture, larger
+objects, at most two per group and one distractor) is the calibration world where perception is easy and only
+colour, size and shape vary.
 """
 
 from __future__ import annotations
@@ -67,6 +72,56 @@ HARD_KINDS: tuple[str, ...] = (
     "count_change",
 )
 SPLITS: tuple[str, ...] = ("train", "test")
+
+
+@dataclass(frozen=True)
+class World:
+    """What scenes of a world may contain and how large objects are drawn.
+
+    Captions always state all of :data:`ATTRIBUTES` (a single-valued attribute is the same word everywhere),
+    so every world's captions have the same grammar.
+    """
+
+    name: str = "default"
+    materials: tuple[str, ...] = MATERIALS
+    textures: tuple[str, ...] = TEXTURES
+    #: object radius as a fraction of the image side, per size word
+    radius_fraction: tuple[tuple[str, float], ...] = tuple(RADIUS_FRACTION.items())
+    max_count: int = MAX_COUNT
+    max_distractors: int = 2
+
+    def values(self, attribute: str) -> tuple[str, ...]:
+        """The values ``attribute`` takes in this world (``"size"``, ``"colour"``, ``"material"``, ...)."""
+        return {"material": self.materials, "texture": self.textures}.get(attribute) or _VALUES[attribute]
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """The attributes of :data:`ATTRIBUTES` that take more than one value here, in caption order."""
+        return tuple(a for a in ATTRIBUTES if len(self.values(a)) > 1)
+
+
+#: the worlds ``slipform make-shards --world`` and ``slipform experiment --world`` accept
+WORLDS: dict[str, World] = {
+    "default": World(),
+    "simple": World(
+        name="simple",
+        materials=("matte",),
+        textures=("solid",),
+        radius_fraction=(("small", 0.11), ("large", 0.17)),
+        max_count=2,
+        max_distractors=1,
+    ),
+}
+DEFAULT_WORLD = WORLDS["default"]
+
+
+def get_world(world: str | World) -> World:
+    """The :class:`World` named ``world`` (a :class:`World` is returned as is); ``ValueError`` if unknown."""
+    if isinstance(world, World):
+        return world
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {', '.join(WORLDS)}, got {world!r}")
+    return WORLDS[world]
 
 
 class LayoutError(RuntimeError):
@@ -189,19 +244,19 @@ class HeldOut:
         }
 
 
-def _random_group(rng: random.Random, shape: str, colour: str, count: int) -> Group:
+def _random_group(rng: random.Random, shape: str, colour: str, count: int, world: World) -> Group:
     return Group(
         shape=shape,
         colour=colour,
         size=rng.choice(SIZES),
-        material=rng.choice(MATERIALS),
-        texture=rng.choice(TEXTURES),
+        material=rng.choice(world.materials),
+        texture=rng.choice(world.textures),
         count=count,
     )
 
 
-def sample_scene(rng: random.Random, split: str, heldout: HeldOut, max_distractors: int = 2) -> Scene:
-    """Sample a scene's content (no layout) for ``split``.
+def sample_scene(rng: random.Random, split: str, heldout: HeldOut, world: World = DEFAULT_WORLD) -> Scene:
+    """Sample a scene's content (no layout) for ``split`` in ``world``.
 
     ``train`` scenes contain no held-out combination; ``test`` scenes contain at least one with probability 1/2
     and are otherwise drawn exactly like ``train`` scenes (seen combinations only).
@@ -218,15 +273,15 @@ def sample_scene(rng: random.Random, split: str, heldout: HeldOut, max_distracto
         else:
             shape_a, shape_b = rng.sample(SHAPES, 2)
             colour_a, colour_b = rng.sample(list(COLOURS), 2)
-        subject = _random_group(rng, shape_a, colour_a, rng.randint(1, MAX_COUNT))
-        reference = _random_group(rng, shape_b, colour_b, rng.randint(1, MAX_COUNT))
+        subject = _random_group(rng, shape_a, colour_a, rng.randint(1, world.max_count), world)
+        reference = _random_group(rng, shape_b, colour_b, rng.randint(1, world.max_count), world)
         if rng.random() < 0.5:
             subject, reference = reference, subject
         free_shapes = [s for s in SHAPES if s not in (subject.shape, reference.shape)]
         free_colours = [c for c in COLOURS if c not in (subject.colour, reference.colour)]
         distractors = tuple(
-            _random_group(rng, rng.choice(free_shapes), rng.choice(free_colours), 1)
-            for _ in range(rng.randint(0, max_distractors))
+            _random_group(rng, rng.choice(free_shapes), rng.choice(free_colours), 1, world)
+            for _ in range(rng.randint(0, world.max_distractors))
         )
         combos = heldout.combos_in(subject, relation, reference, distractors)
         if bool(combos) != want_heldout:
@@ -240,8 +295,9 @@ def _scene_values(scene: Scene, attribute: str) -> set[str]:
     return {getattr(g, attribute) for g in groups}
 
 
-def hard_captions(scene: Scene, rng: random.Random) -> dict[str, dict[str, Any]]:
-    """One false caption of each kind in :data:`HARD_KINDS`, each differing from the truth in one stated way.
+def hard_captions(scene: Scene, rng: random.Random, world: World = DEFAULT_WORLD) -> dict[str, dict[str, Any]]:
+    """One false caption of each kind in :data:`HARD_KINDS`, each differing from the truth in one stated way
+    (replacements stay inside ``world``'s values).
 
     Returns ``{kind: {"caption": str, "group": "subject"|"reference"|None, "attribute": str|None,
     "old": ..., "new": ...}}``; for swaps ``old``/``new`` hold the two exchanged values.
@@ -249,7 +305,7 @@ def hard_captions(scene: Scene, rng: random.Random) -> dict[str, dict[str, Any]]
     subj, ref, rel = scene.subject, scene.reference, scene.relation
     out: dict[str, dict[str, Any]] = {}
 
-    differing = [a for a in ATTRIBUTES if getattr(subj, a) != getattr(ref, a)]  # colour always differs
+    differing = [a for a in world.attributes if getattr(subj, a) != getattr(ref, a)]  # colour always differs
     attr = rng.choice(differing)
     a_val, b_val = getattr(subj, attr), getattr(ref, attr)
     out["attribute_swap"] = {
@@ -284,18 +340,19 @@ def hard_captions(scene: Scene, rng: random.Random) -> dict[str, dict[str, Any]]
         out[kind] = {"caption": caption, "group": role, "attribute": attribute, "old": old, "new": new}
 
     used_colours, used_shapes = _scene_values(scene, "colour"), _scene_values(scene, "shape")
-    replace_attr = rng.choice(ATTRIBUTES)
+    replace_attr = rng.choice(world.attributes)
     if replace_attr == "colour":
         change("attribute_replace", "colour", lambda g: [c for c in COLOURS if c not in used_colours])
     else:
-        change("attribute_replace", replace_attr, lambda g: _VALUES[replace_attr])
+        change("attribute_replace", replace_attr, lambda g: world.values(replace_attr))
     change("object_replace", "shape", lambda g: [s for s in SHAPES if s not in used_shapes])
     change("count_change", "count", lambda g: list(COUNT_WORDS))
     return {kind: out[kind] for kind in HARD_KINDS}
 
 
-def layout_scene(scene: Scene, rng: random.Random, image_size: int) -> Scene:
-    """Place every object of ``scene`` on an ``image_size`` square canvas so that the relation holds.
+def layout_scene(scene: Scene, rng: random.Random, image_size: int, world: World = DEFAULT_WORLD) -> Scene:
+    """Place every object of ``scene`` on an ``image_size`` square canvas so that the relation holds
+    (object radii from ``world.radius_fraction``).
 
     The canvas is split along the relation's axis at a random point; every subject object lies entirely on
     one side of the split and every reference object on the other, none overlap, and distractors go anywhere
@@ -303,7 +360,7 @@ def layout_scene(scene: Scene, rng: random.Random, image_size: int) -> Scene:
     attempts fail (rare: callers sample a new scene).
     """
     size = float(image_size)
-    radius = {name: fraction * size for name, fraction in RADIUS_FRACTION.items()}
+    radius = {name: fraction * size for name, fraction in world.radius_fraction}
     horizontal = rel_is_horizontal(scene.relation)
     subject_first = scene.relation in ("to the left of", "above")
     for _ in range(100):

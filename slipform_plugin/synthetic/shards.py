@@ -20,7 +20,7 @@ from PIL import Image
 
 from slipform_plugin._argtypes import non_negative_int, positive_int
 from slipform_plugin.synthetic.dataset import check_args, heldout_for_seed, make_item
-from slipform_plugin.synthetic.scene import SPLITS
+from slipform_plugin.synthetic.scene import SPLITS, WORLDS, get_world
 
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")
 INFO_FILE = "slipform-synthetic.json"
@@ -53,7 +53,9 @@ def shard_pattern(out_dir: Path, num_shards: int) -> str:
     return str(out_dir / f"shard-{{{0:05d}..{num_shards - 1:05d}}}.tar")
 
 
-def _write_one_shard(path: Path, indices: range, seed: int, split: str, image_size: int, image_format: str) -> Path:
+def _write_one_shard(
+    path: Path, indices: range, seed: int, split: str, image_size: int, image_format: str, world: str
+) -> Path:
     """Write items ``indices`` to ``path`` (through a temporary file, so a crash leaves no partial shard)."""
     import webdataset as wds  # imported here: the package import stays cheap
 
@@ -61,7 +63,7 @@ def _write_one_shard(path: Path, indices: range, seed: int, split: str, image_si
     with open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream, encoder=False, mtime=0.0)
         for index in indices:
-            item = make_item(seed, split, index, image_size)
+            item = make_item(seed, split, index, image_size, world)
             writer.write(
                 {
                     "__key__": item.key,
@@ -84,11 +86,13 @@ def write_shards(
     split: str = "train",
     image_format: str = "png",
     workers: int = 1,
+    world: str = "default",
 ) -> ShardSummary:
     """Write ``num`` items of ``split`` into ``out_dir/shard-00000.tar``, ... (``shard_size`` per shard).
 
     Also writes ``out_dir/slipform-synthetic.json`` with the settings and the held-out rule. ``workers > 1``
-    writes shards in parallel processes; the bytes written do not depend on it.
+    writes shards in parallel processes; the bytes written do not depend on it. ``world`` names a preset of
+    :data:`~slipform_plugin.synthetic.scene.WORLDS`.
     Raises ``ValueError`` naming the argument when one is out of range.
     """
     if not isinstance(num, int) or num < 1:
@@ -100,6 +104,7 @@ def write_shards(
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     check_args(seed, split, image_size)
+    get_world(world)  # raises ValueError naming the argument
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     num_shards = (num + shard_size - 1) // shard_size
@@ -108,7 +113,7 @@ def write_shards(
         (out / f"shard-{shard:05d}.tar", range(shard * shard_size, min(num, (shard + 1) * shard_size)))
         for shard in range(num_shards)
     ]
-    settings = (seed, split, image_size, image_format)
+    settings = (seed, split, image_size, image_format, world)
     if workers > 1 and num_shards > 1:
         import multiprocessing
 
@@ -125,6 +130,7 @@ def write_shards(
         "num_samples": num,
         "seed": seed,
         "split": split,
+        "world": world,
         "shard_size": shard_size,
         "image_size": image_size,
         "image_format": image_format,
@@ -150,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=SPLITS, default="train", help="train or test (default train)")
     parser.add_argument("--workers", type=positive_int, default=1, help="processes writing shards (default 1)")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image encoding (default png)")
+    parser.add_argument(
+        "--world",
+        choices=tuple(WORLDS),
+        default="default",
+        help="scene world: default (the benchmark) or simple (one material, one texture, larger objects)",
+    )
     return parser
 
 
@@ -158,7 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = write_shards(
-            args.out, args.num, args.seed, args.shard_size, args.image_size, args.split, args.format, args.workers
+            args.out,
+            args.num,
+            args.seed,
+            args.shard_size,
+            args.image_size,
+            args.split,
+            args.format,
+            args.workers,
+            args.world,
         )
     except ValueError as err:
         print(f"slipform make-shards: error: {err}", file=sys.stderr)
