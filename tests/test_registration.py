@@ -109,10 +109,22 @@ def test_create_loss_dispatches_on_the_flag():
     assert isinstance(infonce, InfoNCELoss) and infonce.margin_hard == 0.0 and infonce.impl == "reference"
 
 
-def test_tiny_model_is_registered():
-    assert "slipform-tiny" in open_clip.list_models()
-    model = open_clip.create_model("slipform-tiny")
+@pytest.mark.parametrize(
+    ("name", "tower"),
+    [
+        ("slipform-tiny", "VisionTransformer"),
+        ("slipform-micro", "VisionTransformer"),
+        ("slipform-micro-cnn", "ModifiedResNet"),
+    ],
+)
+def test_tiny_models_are_registered(name: str, tower: str):
+    assert name in open_clip.list_models()
+    model = open_clip.create_model(name)
     assert 1e6 < sum(p.numel() for p in model.parameters()) < 1e7
+    assert type(model.visual).__name__ == tower
+    with torch.no_grad():
+        features = model.encode_image(torch.randn(3, 3, 64, 64))
+    assert features.shape == (3, 128) and torch.isfinite(features).all()
 
 
 @pytest.fixture(scope="module")
