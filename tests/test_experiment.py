@@ -21,7 +21,7 @@ import pytest
 
 from slipform_plugin.concreteplant import ConcretePlant, sampling
 from slipform_plugin.evaluation.ablations import UniformConcretePlant, create_uniform_concreteplant, sample_uniform
-from slipform_plugin.evaluation.experiment import ALL_CONFIGS, TABLE_METRICS, build_configs, parse_train_log
+from slipform_plugin.evaluation.experiment import ALL_CONFIGS, MODEL, TABLE_METRICS, build_configs, parse_train_log
 from slipform_plugin.hard_negatives import HardNegative
 
 CAPTIONS = [
@@ -171,6 +171,23 @@ def test_configs_differ_only_where_they_should():
     assert (configs["c"].negatives, configs["d"].negatives) == ("concreteplant", "concreteplant-uniform")
     assert "--cement-margin-batch" in configs["e1"].flags and configs["e1"].flags[-1] == "0"
     assert configs["e2"].flags[configs["e2"].flags.index("--cement-margin-hard") + 1] == "0"
+    # Every Cement configuration runs with the margin gate unless the experiment asks for none.
+    for name in ("c", "d", "e1", "e2", "o"):
+        flags = configs[name].flags
+        assert flags[flags.index("--cement-margin-gate") + 1] == "hn-accuracy", name
+    assert all("--cement-margin-gate" not in configs[name].flags for name in ("a", "b"))
+    ungated = build_configs(0.1, 0.05, "none")["c"].flags
+    assert ungated[ungated.index("--cement-margin-gate") + 1] == "none"
+
+
+def test_margin_gate_flag_reaches_settings_and_is_checked(capsys):
+    from slipform_plugin.evaluation.experiment import build_parser, settings_from_args
+
+    assert settings_from_args(build_parser().parse_args([])).margin_gate == "hn-accuracy"
+    assert settings_from_args(build_parser().parse_args(["--cement-margin-gate", "none"])).margin_gate == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--cement-margin-gate", "always"])
+    assert "--cement-margin-gate" in capsys.readouterr().err
 
 
 def test_world_flag_reaches_the_shards(tmp_path):
@@ -242,7 +259,7 @@ def test_quick_experiment_end_to_end(tmp_path):
     for audit in results["negatives_audit"].values():
         assert audit and all(entry["in_vocabulary"] == 1.0 for entry in audit.values()), audit
     assert results["negatives_audit"]["concreteplant-seed0"]["swap_attributes"]["binding_swap"] == 1.0
-    assert all(run["command"][run["command"].index("--model") + 1] == "slipform-micro" for run in runs)
+    assert all(run["command"][run["command"].index("--model") + 1] == MODEL for run in runs)
     assert "attribute swap (held-out)" in table and "material" in table  # the second table
     log_c = (out / "runs" / "c-seed0" / "out.log").read_text()
     assert "Slipform: loss=cement" in log_c and "'precomputed': 64" in log_c
