@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 from slipform_plugin._argtypes import positive_int
-from slipform_plugin.losses import MARGIN_GATES
 from slipform_plugin.synthetic.scene import WORLDS, get_world
 
 logger = logging.getLogger("slipform")
@@ -62,6 +61,8 @@ logger = logging.getLogger("slipform")
 #: transformer (context 32), 8M parameters in all. The ViT ``slipform-micro`` (16 tokens of 16 px) was the first
 #: default; it does not learn shape or relative position at this budget (README, Evidence).
 MODEL = "slipform-micro-cnn"
+#: the --cement-margin-gate of every Cement configuration unless the experiment's --cement-margin-gate says otherwise
+MARGIN_GATE = "hn-accuracy"
 ALL_CONFIGS: tuple[str, ...] = ("a", "b", "c", "d", "e1", "e2")
 #: configurations run only when named in --configs
 EXTRA_CONFIGS: tuple[str, ...] = ("o",)
@@ -156,7 +157,7 @@ class Settings:
     world: str = "default"
 
 
-def build_configs(margin_hard: float, margin_batch: float, margin_gate: str = "hn-accuracy") -> dict[str, Config]:
+def build_configs(margin_hard: float, margin_batch: float, margin_gate: str = MARGIN_GATE) -> dict[str, Config]:
     """The configurations; ``margin_*`` are Cement's mu_h and mu_b for c, d and e (the ones left on) and
     ``margin_gate`` its ``--cement-margin-gate`` (every Cement configuration)."""
     mh, mb = f"{margin_hard:g}", f"{margin_batch:g}"
@@ -597,6 +598,8 @@ def _config_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``slipform experiment`` argument parser."""
+    from slipform_plugin.losses import MARGIN_GATES  # imports torch: not at module import
+
     p = argparse.ArgumentParser(
         prog="slipform experiment",
         description="Train slipform-micro-cnn with open_clip_train.main under each configuration (a, b, c, d, e1, e2) "
@@ -643,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cement-margin-gate",
         choices=MARGIN_GATES,
-        default="hn-accuracy",
-        help="--cement-margin-gate of every Cement configuration (default hn-accuracy; none: the first version)",
+        default=MARGIN_GATE,
+        help=f"--cement-margin-gate of every Cement configuration (default {MARGIN_GATE}; none: the first version)",
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
