@@ -102,14 +102,21 @@ def _slurm_log(workdir: Path, job_name: str, job_id: str) -> str:
     return (workdir / "logs" / f"{job_name}_{job_id}.out").read_text(errors="replace")
 
 
-def _wait_nodes_idle(cluster, timeout: float = 60.0) -> None:
-    """Wait until every node of the cluster reports the idle state (sinfo), or fail the test naming the states."""
+def _wait_nodes_idle(cluster, timeout: float = 60.0, settle: float = 3.0) -> None:
+    """Wait until every node of the cluster has reported the idle state (sinfo) for ``settle`` seconds in a row,
+    or fail the test naming the states. slurmctld marks a node idle a moment before its slurmd has finished the
+    previous run of the same job id; a requeued start in that moment is refused ("already killed")."""
     deadline = time.monotonic() + timeout
+    idle_since = None
     while True:
         lines = cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.splitlines()
         states = [line.split() for line in lines if line.strip()]
         if states and all(state == "idle" for _, state in states):
-            return
+            idle_since = idle_since if idle_since is not None else time.monotonic()
+            if time.monotonic() - idle_since >= settle:
+                return
+        else:
+            idle_since = None
         assert time.monotonic() < deadline, f"nodes not idle after {timeout} s: {states}"
         time.sleep(0.25)
 
