@@ -89,6 +89,7 @@ def cement_loss(
     margin_batch: float = 0.0,
     difficulty_offset: float = 0.0,
     difficulty_temperature: float = 0.05,
+    hard_weight: float = 0.0,
     logit_bias: Tensor | float | None = None,
     local_start: int = 0,
     local_size: int | None = None,
@@ -105,6 +106,8 @@ def cement_loss(
         hn_scores: ``[B, K]`` concreteness scores (None: zero), hn_mask: ``[B, K]`` bool (None: all real).
         margin_hard, margin_batch, difficulty_offset, difficulty_temperature: ``mu_h``, ``mu_b``, ``delta``,
             ``gamma`` as in the reference.
+        hard_weight: ``lambda``, weight of the hard-negative term (each caption against its own hard negatives
+            in a softmax of their own; O(B K D), computed by autograd beside the tiled loss).
         logit_bias: scalar added to every logit. Each cross-entropy is shift-invariant, so the bias cancels
             exactly: the fast paths do not compute with it, and its gradient is 0 (kept in the graph).
         local_start, local_size: the ``B`` local rows/columns inside the ``M`` gathered ones (default: all).
@@ -138,6 +141,7 @@ def cement_loss(
         margin_batch=margin_batch,
         difficulty_offset=difficulty_offset,
         difficulty_temperature=difficulty_temperature,
+        hard_weight=hard_weight,
         logit_bias=logit_bias,
         local_start=checked.local_start,
         local_size=checked.local_size,
@@ -161,6 +165,7 @@ def cement_loss_unchecked(
     local_start: int,
     local_size: int,
     impl: str,
+    hard_weight: float = 0.0,
 ) -> Tensor:
     """:func:`cement_loss` without its input checks, for callers that ran :func:`validate_inputs` themselves.
 
@@ -189,6 +194,7 @@ def cement_loss_unchecked(
             hn_text_features,
             hn_scores,
             hn_mask,
+            hard_weight=float(hard_weight),
             logit_bias=logit_bias,
             local_size=local_size,
             **options,
@@ -219,6 +225,14 @@ def cement_loss_unchecked(
             local_size=local_size,
             **options,
         )
+    if hard_weight != 0.0 and hn_text_features is not None and hn_text_features.shape[1] > 0:
+        from slipform_plugin.losses.reference import hard_negative_term
+
+        rows = slice(local_start, local_start + local_size)
+        hard_sum = hard_negative_term(
+            image_features[rows], text_features[rows], scale, hn_text_features, hn_scores, hn_mask, float(margin_hard)
+        )
+        loss = loss + float(hard_weight) * hard_sum / (2 * local_size)
     if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
         # Keep the bias in the graph (DDP expects every used parameter to receive a gradient); it is exactly 0.
         loss = loss + 0.0 * logit_bias.reshape(()).float()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gamma (> 0) of the difficulty sigmoid (default: %(default)s).",
     )
     group.add_argument(
+        "--cement-hard-weight",
+        type=float,
+        default=CEMENT_DEFAULTS["hard_weight"],
+        help="lambda (>= 0): weight of the hard-negative term, each caption against its own hard negatives in a "
+        "softmax of their own (default: %(default)s).",
+    )
+    group.add_argument(
         "--cement-margin-gate",
         choices=MARGIN_GATES,
         default="none",
@@ -206,6 +214,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--loss {args.loss} cannot be combined with --distill")
         if getattr(args, "horovod", False):
             parser.error(f"--loss {args.loss} does not support --horovod; use torchrun or srun")
+    if not (math.isfinite(args.cement_hard_weight) and args.cement_hard_weight >= 0):
+        parser.error(f"--cement-hard-weight must be a finite number >= 0, got {args.cement_hard_weight}")
     if not args.cement_difficulty_temperature > 0:
         parser.error(f"--cement-difficulty-temperature must be > 0, got {args.cement_difficulty_temperature}")
     if args.hn_kinds:

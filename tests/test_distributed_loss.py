@@ -32,7 +32,13 @@ import torch.nn.functional as F
 BATCH = 5  # per rank; odd on purpose
 DIM = 6
 NUM_HARD = 2
-SETTINGS = {"margin_hard": 0.2, "margin_batch": 0.3, "difficulty_offset": 0.1, "difficulty_temperature": 0.2}
+SETTINGS = {
+    "margin_hard": 0.2,
+    "margin_batch": 0.3,
+    "difficulty_offset": 0.1,
+    "difficulty_temperature": 0.2,
+    "hard_weight": 0.5,
+}
 FORMS = {  # name -> (local_loss, gather_with_grad)
     "local-gather-grad": (True, True),
     "global-gather-grad": (False, True),

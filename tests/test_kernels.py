@@ -98,7 +98,7 @@ CASES = [
 def _case_kwargs(margins, local_start, local_size):
     kwargs = {"local_start": local_start, "local_size": local_size, "difficulty_temperature": 0.1}
     if margins:
-        kwargs.update(margin_batch=0.3, margin_hard=0.2, difficulty_offset=0.1)
+        kwargs.update(margin_batch=0.3, margin_hard=0.2, difficulty_offset=0.1, hard_weight=0.7)
     return kwargs
 
 

@@ -63,6 +63,34 @@ def test_zero_margins_are_infonce_with_hard_negative_columns(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("margin_hard", [0.0, 0.2])
+def test_hard_weight_adds_the_textbook_hard_negative_term(impl, margin_hard):
+    """lambda * H_i: each caption against its own real negatives only, a cross-entropy of its own."""
+    image, text, hard, scores, mask = features(7, 10, negatives=3, seed=4)
+    mask[2] = False  # a row without real negatives: H_i = 0
+    scale, weight = torch.tensor(17.0, requires_grad=True), 0.6
+    loss = CementLoss(margin_hard=margin_hard, margin_batch=0.0, hard_weight=weight, impl=impl)(
+        image, text, scale, None, hard, scores, mask
+    )
+    hard_logits = scale * torch.einsum("bd,bkd->bk", image, hard) + scale.detach() * margin_hard * scores
+    hard_logits = hard_logits.masked_fill(~mask, -torch.inf)
+    row_logits = torch.cat([scale * image @ text.T, hard_logits], 1)
+    own_logits = torch.cat([scale * (image * text).sum(-1, keepdim=True), hard_logits], 1)
+    labels = torch.arange(7)
+    expected = (
+        F.cross_entropy(row_logits, labels)
+        + F.cross_entropy(scale * text @ image.T, labels)
+        + weight * F.cross_entropy(own_logits, torch.zeros(7, dtype=torch.long))
+    ) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads(loss, image, text, hard, scale), grads(expected, image, text, hard, scale)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # lambda = 0 is the loss without the term; a positive lambda only adds (H_i >= 0).
+    without = CementLoss(margin_hard=margin_hard, margin_batch=0.0, impl=impl)
+    assert loss > without(image, text, scale, None, hard, scores, mask)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_masked_negatives_are_ignored(impl):
     image, text, hard, scores, mask = features(6, 8, negatives=4)
     loss_fn = CementLoss(impl=impl)
@@ -321,3 +349,16 @@ def test_margin_gate_flag_reaches_the_loss():
     assert create_cement_loss(parser.parse_args([])).margin_gate == "none"
     with pytest.raises(SystemExit):
         parser.parse_args(["--cement-margin-gate", "sometimes"])
+
+
+def test_hard_weight_flag_reaches_the_loss_and_is_checked():
+    import argparse
+
+    from slipform_plugin.integration import add_arguments
+    from slipform_plugin.losses import create_cement_loss
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert create_cement_loss(parser.parse_args(["--cement-hard-weight", "1.5"])).hard_weight == 1.5
+    with pytest.raises(ValueError, match=re.escape("hard_weight must be a finite number >= 0, got -1.0")):
+        CementLoss(hard_weight=-1.0)

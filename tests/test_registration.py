@@ -61,6 +61,7 @@ def test_without_plugin_the_abbreviation_trap_is_real():
         (("--loss", "cement", "--hn-num", "100000"), "argument --hn-num: expected an integer in [0, 64], got 100000"),
         (("--loss", "cement", "--siglip"), "--loss cement cannot be combined with --siglip"),
         (("--loss", "cement", "--cement-difficulty-temperature", "0"), "--cement-difficulty-temperature must be > 0"),
+        (("--loss", "cement", "--cement-hard-weight", "-1"), "--cement-hard-weight must be a finite number >= 0"),
         (("--loss", "cement", "--hn", "concreteplant", "--hn-kinds", "rhyme"), "--hn-kinds: unknown kinds ['rhyme']"),
         (("--loss", "cement", "--loss-impl", "cuda"), "argument --loss-impl: invalid choice: 'cuda'"),
         (("--loss", "cement", "--hn", "concreteplant", "--dataset-type", "csv"), "needs WebDataset training data"),

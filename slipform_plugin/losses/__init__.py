@@ -39,6 +39,7 @@ CEMENT_DEFAULTS: dict[str, float] = {
     "margin_batch": 0.05,
     "difficulty_offset": 0.0,
     "difficulty_temperature": 0.05,
+    "hard_weight": 0.0,
 }
 
 
@@ -77,6 +78,9 @@ class CementLoss(nn.Module):
             ``s * mu_b * sigmoid((sim_neg - sim_pos + difficulty_offset) / difficulty_temperature)``.
         difficulty_offset: ``delta`` of that sigmoid.
         difficulty_temperature: ``gamma`` (> 0) of that sigmoid.
+        hard_weight: ``lambda`` (>= 0), weight of the hard-negative term ``H_i``: each caption against its own
+            image's hard negatives only, in a softmax of their own (``H_i = logsumexp(s x_i.y_i, z'_i1..z'_iK) -
+            s x_i.y_i``), so the K fine-grained comparisons of a row are not diluted by its M in-batch columns.
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
         check_finite: raise a clear error on NaN/Inf features or ``hn_scores`` outside [0, 1] (costs one
             reduction per tensor).
@@ -109,6 +113,7 @@ class CementLoss(nn.Module):
         margin_batch: float = CEMENT_DEFAULTS["margin_batch"],
         difficulty_offset: float = CEMENT_DEFAULTS["difficulty_offset"],
         difficulty_temperature: float = CEMENT_DEFAULTS["difficulty_temperature"],
+        hard_weight: float = CEMENT_DEFAULTS["hard_weight"],
         impl: str = "auto",
         check_finite: bool = True,
         margin_gate: str = "none",
@@ -126,6 +131,8 @@ class CementLoss(nn.Module):
         ):
             if not math.isfinite(float(value)):
                 raise ValueError(f"CementLoss: {name} must be a finite number, got {value!r}")
+        if not (math.isfinite(float(hard_weight)) and hard_weight >= 0):
+            raise ValueError(f"CementLoss: hard_weight must be a finite number >= 0, got {hard_weight!r}")
         if not difficulty_temperature > 0:
             raise ValueError(f"CementLoss: difficulty_temperature must be > 0, got {difficulty_temperature!r}")
         if margin_gate not in MARGIN_GATES:
@@ -143,6 +150,7 @@ class CementLoss(nn.Module):
         self.margin_batch = float(margin_batch)
         self.difficulty_offset = float(difficulty_offset)
         self.difficulty_temperature = float(difficulty_temperature)
+        self.hard_weight = float(hard_weight)
         self.impl = impl
         self.check_finite = check_finite
         self.hard_negative_meter = HardNegativeMeter()
@@ -175,6 +183,7 @@ class CementLoss(nn.Module):
         return (
             f"margin_hard={self.margin_hard}, margin_batch={self.margin_batch}, "
             f"difficulty_offset={self.difficulty_offset}, difficulty_temperature={self.difficulty_temperature}, "
+            f"hard_weight={self.hard_weight}, "
             f"impl={self.impl!r}, local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
             f"world_size={self.world_size}, margin_gate={self.margin_gate!r}"
         )
@@ -270,6 +279,7 @@ class CementLoss(nn.Module):
             local_start=local_start,
             local_size=local_size,
             impl=self.impl,
+            hard_weight=self.hard_weight,
         )
         if image_features.dtype in (torch.float16, torch.bfloat16):
             loss = loss.to(image_features.dtype)
@@ -349,6 +359,7 @@ def create_cement_loss(args: Any) -> CementLoss:
         difficulty_temperature=getattr(
             args, "cement_difficulty_temperature", CEMENT_DEFAULTS["difficulty_temperature"]
         ),
+        hard_weight=getattr(args, "cement_hard_weight", CEMENT_DEFAULTS["hard_weight"]),
         margin_gate=getattr(args, "cement_margin_gate", "none"),
     )
 

@@ -14,10 +14,12 @@ Definition (README, section "The Cement loss"). For L2-normalised image features
     column j (text -> image), over the M images, no hard negatives:
         w_ij  = s * x_i.y_j + b + [i != j] * s * mu_b * sigmoid((x_i.y_j - x_j.y_j + delta) / gamma)
         L_j^col = logsumexp_i(w_.j) - w_jj
-    loss = (sum_{i local} L_i^row + sum_{j local} L_j^col) / (2 * B)
+    hard-negative term of row i, the caption against its own hard negatives only (its own softmax):
+        H_i = logsumexp(s * x_i.y_i, z_i1', ..., z_iK') - s * x_i.y_i      (0 for a row without real negatives)
+    loss = (sum_{i local} L_i^row + sum_{j local} L_j^col + lambda * sum_{i local} H_i) / (2 * B)
 
 The margins are constants in the gradient (computed from detached similarities and a detached scale).
-With ``mu_b = mu_h = 0`` this is InfoNCE with the hard negatives as extra columns of the image-to-text
+With ``mu_b = mu_h = lambda = 0`` this is InfoNCE with the hard negatives as extra columns of the image-to-text
 rows, and with ``K = 0`` as well it is OpenCLIP's ``ClipLoss``.
 
 ``local_start`` / ``local_size`` select the rows and columns this process owns inside gathered features
@@ -65,6 +67,7 @@ def cement_loss_reference(
     margin_batch: float = 0.0,
     difficulty_offset: float = 0.0,
     difficulty_temperature: float = 0.05,
+    hard_weight: float = 0.0,
     logit_bias: Tensor | float | None = None,
     local_start: int = 0,
     local_size: int | None = None,
@@ -82,6 +85,7 @@ def cement_loss_reference(
         margin_batch: ``mu_b``, the largest difficulty margin in cosine units.
         difficulty_offset: ``delta`` of the difficulty sigmoid.
         difficulty_temperature: ``gamma`` (> 0) of the difficulty sigmoid.
+        hard_weight: ``lambda``, the weight of the hard-negative term ``H_i``.
         logit_bias: optional scalar added to every logit (SigLIP-style models).
         local_start: index of the first local row/column inside the ``M`` gathered ones.
         local_size: number ``B`` of local rows/columns (default: all ``M - local_start``).
@@ -118,6 +122,11 @@ def cement_loss_reference(
             hard_logits = hard_logits.masked_fill(~hn_mask.bool(), float("-inf"))
         row_logits = torch.cat([row_logits, hard_logits], dim=1)
     row_loss = F.cross_entropy(row_logits, targets, reduction="sum")
+    if hard_weight != 0.0 and row_logits.shape[1] > num_total:
+        # H_i: the positive's logit (no margin on it) against the row's hard-negative columns only.
+        positive_logit = row_logits.gather(1, targets[:, None])
+        hard_term = torch.logsumexp(torch.cat([positive_logit, row_logits[:, num_total:]], dim=1), dim=1)
+        row_loss = row_loss + hard_weight * (hard_term - positive_logit[:, 0]).sum()
 
     # Text -> image columns: local captions against every image.
     col_similarity = text[rows] @ image.T  # [B, M]
@@ -166,3 +175,38 @@ def hard_negative_wins(
         has_negative = hn_mask.bool().any(dim=1)
         wins = (positive > hard.max(dim=1).values) & has_negative
         return wins, has_negative
+
+
+def hard_negative_term(
+    image_rows: Tensor,
+    text_rows: Tensor,
+    scale: Tensor,
+    hn_text_features: Tensor,
+    hn_scores: Tensor | None,
+    hn_mask: Tensor | None,
+    margin_hard: float,
+) -> Tensor:
+    """Sum over rows of Cement's hard-negative term ``H_i`` (README, "The Cement loss"), by autograd.
+
+    ``H_i = logsumexp(s x_i.y_i, s x_i.h_i1 + s mu_h c_i1, ...) - s x_i.y_i``: each caption against its own
+    image's real hard negatives only, in a softmax of its own, so that the K fine-grained comparisons of a row
+    are not diluted by the row's M in-batch columns. It costs O(B K D), so every implementation computes it
+    here with autograd rather than inside the tiled kernels. The margin is a constant (detached scale).
+
+    Args:
+        image_rows: ``[B, D]`` the local rows' image features; text_rows: ``[B, D]`` their captions' features.
+        scale: the exponentiated logit scale ``s`` (0-dim tensor; gradient flows).
+        hn_text_features: ``[B, K, D]``; hn_scores: ``[B, K]`` in [0, 1] or None (0); hn_mask: ``[B, K]`` or None.
+        margin_hard: ``mu_h`` (already gated by the caller).
+    Returns:
+        Scalar fp32 ``sum_i H_i`` (rows without a real negative contribute 0).
+    """
+    image = image_rows.float()
+    scale = scale.float()
+    positive = scale * (image * text_rows.float()).sum(-1, keepdim=True)  # [B, 1]
+    hard = scale * torch.einsum("bd,bkd->bk", image, hn_text_features.float())  # [B, K]
+    if hn_scores is not None and margin_hard != 0.0:
+        hard = hard + scale.detach() * margin_hard * hn_scores.float()
+    if hn_mask is not None:
+        hard = hard.masked_fill(~hn_mask.bool(), float("-inf"))
+    return (torch.logsumexp(torch.cat([positive, hard], dim=1), dim=1) - positive[:, 0]).sum()
