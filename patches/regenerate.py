@@ -90,6 +90,13 @@ EDITS: list[tuple[str, list[tuple[str, str]]]] = [
                 "        from slipform_plugin.integration import get_wds_dataset as _slipform_get_wds_dataset\n"
                 "        return _slipform_get_wds_dataset(get_wds_dataset, args, preprocess_img, is_train, epoch, floor, tokenizer)\n",
             ),
+            (
+                "    dataset = wds.DataPipeline(*pipeline)\n",
+                "    dataset = wds.DataPipeline(*pipeline)\n"
+                "    if is_train and getattr(args, 'seed_sample_shuffle', False):  # Slipform: --seed-sample-shuffle\n"
+                "        from slipform_plugin.data_stage import seed_sample_shuffle as _slipform_seed_sample_shuffle\n"
+                "        _slipform_seed_sample_shuffle(dataset.pipeline, args.seed, getattr(args, 'rank', 0), shared_epoch)\n",
+            ),
         ],
     ),
     (

@@ -227,3 +227,61 @@ def insert_before_tokenization(pipeline: list, stage: Any, text_key: str = "text
 def describe_negatives(negatives: Sequence[HardNegative]) -> str:
     """Short human-readable form, for logs and debugging."""
     return "; ".join(f"{n.kind}({n.score:.2f}): {n.text}" for n in negatives)
+
+
+class SeededSampleShuffle:
+    """WebDataset's sample shuffle buffer with a reproducible generator (``--seed-sample-shuffle``).
+
+    OpenCLIP's training pipeline shuffles samples with ``wds.shuffle``, whose generator is seeded from the process
+    id and the clock, so two runs of one command see their samples in different orders (the shard order is
+    seeded). This stage keeps the same buffer (``bufsize``, ``initial``) and seeds it from the run's seed, the
+    epoch, the rank and the DataLoader worker, so every run of a command, and every configuration of an ablation
+    run with one seed, sees the same sample order.
+
+    Args:
+        bufsize: shuffle buffer size; initial: samples buffered before the first is yielded (OpenCLIP's values).
+        seed: the run's ``--seed``; rank: this process's rank.
+        epoch: OpenCLIP's ``SharedEpoch`` (anything with ``get_value()``) or a fixed int.
+    """
+
+    def __init__(self, bufsize: int, initial: int, seed: int, rank: int, epoch: Any) -> None:
+        self.bufsize, self.initial, self.seed, self.rank, self.epoch = bufsize, initial, seed, rank, epoch
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        import random
+
+        import torch.utils.data
+        from webdataset.filters import _shuffle
+
+        epoch = self.epoch.get_value() if hasattr(self.epoch, "get_value") else int(self.epoch)
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        # A string seed is hashed with SHA-512 by random.Random: stable across processes and Python runs.
+        rng = random.Random(f"slipform-sample-shuffle/{self.seed}/{epoch}/{self.rank}/{worker_id}")
+        return _shuffle(source, self.bufsize, self.initial, rng)
+
+
+def seed_sample_shuffle(pipeline: list, seed: int, rank: int, epoch: Any) -> int:
+    """Replace the unseeded ``wds.shuffle`` stage of an OpenCLIP training pipeline by :class:`SeededSampleShuffle`.
+
+    Returns the index of the replaced stage; a pipeline already seeded (the explicit patch, then the ``--hn``
+    wrapper) is left as it is. Raises ``RuntimeError`` when the pipeline has no such stage (an OpenCLIP whose data
+    pipeline changed shape).
+    """
+    for index, existing in enumerate(pipeline):
+        if isinstance(existing, SeededSampleShuffle):
+            return index
+    for index, existing in enumerate(pipeline):
+        function = getattr(existing, "f", None)
+        if getattr(function, "__name__", "") == "_shuffle" and getattr(function, "__module__", "").startswith(
+            "webdataset"
+        ):
+            keywords = getattr(existing, "kw", {}) or {}
+            pipeline[index] = SeededSampleShuffle(
+                int(keywords.get("bufsize", 1000)), int(keywords.get("initial", 100)), seed, rank, epoch
+            )
+            return index
+    raise RuntimeError(
+        "Slipform: --seed-sample-shuffle could not find the sample shuffle stage in OpenCLIP's WebDataset "
+        "pipeline; this OpenCLIP version is not supported by it"
+    )

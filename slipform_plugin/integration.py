@@ -157,6 +157,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with the training hard-negative accuracy above chance (default: %(default)s).",
     )
     group.add_argument(
+        "--seed-sample-shuffle",
+        action="store_true",
+        default=False,
+        help="Seed the WebDataset sample shuffle of training data from --seed, the epoch, the rank and the worker "
+        "(OpenCLIP's own is seeded from the clock), so that a run can be repeated exactly.",
+    )
+    group.add_argument(
         "--cement-skip-finite-check",
         action="store_true",
         default=False,
@@ -337,12 +344,20 @@ def get_wds_dataset(original, args, preprocess_img, is_train, epoch=0, floor=Fal
     """``open_clip_train.data.get_wds_dataset`` with the ``--hn`` stage in training pipelines only."""
     use_hn = is_train and getattr(args, "hn", "none") != "none"
     if not use_hn:
-        return original(args, preprocess_img, is_train, epoch=epoch, floor=floor, tokenizer=tokenizer)
-    from slipform_plugin.data_stage import TokenizerWithNegatives
+        info = original(args, preprocess_img, is_train, epoch=epoch, floor=floor, tokenizer=tokenizer)
+    else:
+        from slipform_plugin.data_stage import TokenizerWithNegatives
 
-    wrapped = TokenizerWithNegatives(tokenizer, args.hn_num)
-    info = original(args, preprocess_img, is_train, epoch=epoch, floor=floor, tokenizer=wrapped)
-    return add_hard_negative_stage(info, args)
+        wrapped = TokenizerWithNegatives(tokenizer, args.hn_num)
+        info = add_hard_negative_stage(
+            original(args, preprocess_img, is_train, epoch=epoch, floor=floor, tokenizer=wrapped), args
+        )
+    if is_train and getattr(args, "seed_sample_shuffle", False):
+        from slipform_plugin.data_stage import seed_sample_shuffle
+
+        seed_sample_shuffle(_sample_pipeline(info.dataloader), args.seed, getattr(args, "rank", 0), info.shared_epoch)
+        logger.info("Slipform: sample shuffle seeded from --seed %d, the epoch, the rank and the worker", args.seed)
+    return info
 
 
 def wrap_get_wds_dataset(original):

@@ -185,3 +185,29 @@ def test_corrupt_shards_and_captionless_samples_are_skipped(synthetic_shards, tm
         assert texts.ndim == 3 and images.shape[0] == texts.shape[0]
         batches += 1
     assert batches == train.dataloader.num_batches
+
+
+def _caption_order(args, preprocess, tokenizer):
+    train = data.get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
+    return torch.cat([texts for _, texts in train.dataloader]), integration._sample_pipeline(train.dataloader)
+
+
+@pytest.mark.parametrize("hn", [(), ("--hn", "concreteplant", "--hn-num", "2")], ids=["no-hn", "hn"])
+def test_seed_sample_shuffle_repeats_the_sample_order(synthetic_shards, monkeypatch, hn):
+    """OpenCLIP's sample shuffle is seeded from the clock; --seed-sample-shuffle makes the order a function of --seed."""
+    from slipform_plugin.data_stage import SeededSampleShuffle
+
+    monkeypatch.setattr("slipform_plugin.registry.get_hard_negative_factory", lambda name: lambda args: Swapper())
+    shards, _ = synthetic_shards
+    _, _, preprocess = open_clip.create_model_and_transforms("slipform-tiny")
+    tokenizer = open_clip.get_tokenizer("slipform-tiny")
+    args = _args(shards, "--loss", "cement", "--seed-sample-shuffle", "--seed", "3", *hn)
+    first, stages = _caption_order(args, preprocess, tokenizer)
+    assert sum(isinstance(stage, SeededSampleShuffle) for stage in stages) == 1
+    assert not [s for s in stages if getattr(getattr(s, "f", None), "__name__", "") == "_shuffle"]
+    again, _ = _caption_order(args, preprocess, tokenizer)
+    assert torch.equal(first, again)
+    other, _ = _caption_order(
+        _args(shards, "--loss", "cement", "--seed-sample-shuffle", "--seed", "4", *hn), preprocess, tokenizer
+    )
+    assert first.shape == other.shape and not torch.equal(first, other)  # another seed, another order

@@ -372,6 +372,7 @@ def train_command(settings: Settings, config: Config, seed: int, train_pattern: 
         "--log-every-n-steps", str(max(1, steps // 4)),
         "--logs", str(settings.out / "runs"),
         "--name", name,
+        "--seed-sample-shuffle",  # the same sample order for every configuration of a seed, and on every rerun
         *config.flags,
     ]  # fmt: skip
     if config.negatives is not None:
