@@ -194,7 +194,7 @@ def _caption_order(args, preprocess, tokenizer):
 
 @pytest.mark.parametrize("hn", [(), ("--hn", "concreteplant", "--hn-num", "2")], ids=["no-hn", "hn"])
 def test_seed_sample_shuffle_repeats_the_sample_order(synthetic_shards, monkeypatch, hn):
-    """OpenCLIP's sample shuffle is seeded from the clock; --seed-sample-shuffle makes the order a function of --seed."""
+    """OpenCLIP seeds its sample shuffle from the clock; --seed-sample-shuffle makes the order a function of --seed."""
     from slipform_plugin.data_stage import SeededSampleShuffle
 
     monkeypatch.setattr("slipform_plugin.registry.get_hard_negative_factory", lambda name: lambda args: Swapper())

@@ -11,6 +11,7 @@ import json
 import math
 import pickle
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -178,6 +179,13 @@ def test_configs_differ_only_where_they_should():
     assert all("--cement-margin-gate" not in configs[name].flags for name in ("a", "b"))
     ungated = build_configs(0.1, 0.05, "none")["c"].flags
     assert ungated[ungated.index("--cement-margin-gate") + 1] == "none"
+    # lambda reaches every Cement configuration (and only those); 0 leaves the flags as they were.
+    assert all("--cement-hard-weight" not in flags.flags for flags in configs.values())
+    weighted = build_configs(0.1, 0.05, "hn-accuracy", 1.5)
+    for name in ("c", "d", "e1", "e2", "o"):
+        flags = weighted[name].flags
+        assert flags[flags.index("--cement-hard-weight") + 1] == "1.5", name
+    assert all("--cement-hard-weight" not in weighted[name].flags for name in ("a", "b"))
 
 
 def test_margin_gate_flag_reaches_settings_and_is_checked(capsys):
@@ -188,6 +196,15 @@ def test_margin_gate_flag_reaches_settings_and_is_checked(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--cement-margin-gate", "always"])
     assert "--cement-margin-gate" in capsys.readouterr().err
+
+
+def test_hard_weight_flag_reaches_settings_and_is_checked():
+    from slipform_plugin.evaluation.experiment import build_parser, check_settings, settings_from_args
+
+    assert settings_from_args(build_parser().parse_args([])).hard_weight == 0.0
+    assert settings_from_args(build_parser().parse_args(["--cement-hard-weight", "2"])).hard_weight == 2.0
+    with pytest.raises(ValueError, match=re.escape("--cement-hard-weight must be a finite number >= 0, got -1.0")):
+        check_settings(settings_from_args(build_parser().parse_args(["--cement-hard-weight", "-1"])))
 
 
 def test_world_flag_reaches_the_shards(tmp_path):

@@ -719,6 +719,8 @@ def check_settings(settings: Settings) -> None:
         raise ValueError(f"--lr must be > 0, got {settings.lr}")
     if settings.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {settings.warmup}")
+    if not (math.isfinite(settings.hard_weight) and settings.hard_weight >= 0):
+        raise ValueError(f"--cement-hard-weight must be a finite number >= 0, got {settings.hard_weight}")
     if settings.margin_hard < 0 or settings.margin_batch < 0:
         raise ValueError(
             f"--cement-margin-hard and --cement-margin-batch must be >= 0, got "
