@@ -450,3 +450,25 @@ def test_refuses_quick_gelu_mismatch(tmp_path, tiny_models):
         load_model(TINY, str(tmp_path / "openai.pt"))
     loaded = load_model(TINY_QG, str(tmp_path / "openai.pt"))  # the matching config loads it
     assert torch.equal(loaded.model.text_projection, plain.text_projection)
+
+
+def test_perception_probe_decodes_what_the_features_encode_and_nothing_else():
+    """Shape is written into the features, colour is not: the held-out fold must tell them apart."""
+    from slipform_plugin.evaluation.synthetic import perception_probe
+
+    rng = np.random.default_rng(0)
+    shapes, colours = ["circle", "square", "star"], ["red", "green", "blue", "white"]
+    subjects = [
+        {"shape": shapes[i % 3], "colour": colours[int(rng.integers(4))], "size": ["small", "large"][i % 2],
+         "material": "matte", "texture": "solid"}
+        for i in range(200)
+    ]  # fmt: skip
+    noise = rng.normal(size=(200, 16))
+    features = np.concatenate([np.eye(3)[[shapes.index(s["shape"]) for s in subjects]] * 3.0, noise], axis=1)
+    result = perception_probe(features, subjects)
+    assert result["n"] == 200 and result["shape"]["classes"] == 3
+    assert result["shape"]["accuracy"] == 1.0
+    assert result["colour"]["accuracy"] < 0.45 and result["colour"]["classes"] == 4
+    # size alternates with the index, and the folds split by index parity: the probe must not see the test fold
+    assert result["size"]["accuracy"] <= 0.5
+    assert "material" not in result and "texture" not in result  # one value only: nothing to decode

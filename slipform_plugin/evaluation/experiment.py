@@ -90,6 +90,10 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "t2i_r5": (("retrieval", "text_to_image", "R@5"), "T→I R@5"),
     "zs_shape": (("zero_shot", "shape", "accuracy"), "zero-shot shape"),
     "zs_colour": (("zero_shot", "colour", "accuracy"), "zero-shot colour"),
+    **{
+        f"probe_{attribute}": (("perception", attribute, "accuracy"), f"probe {attribute}")
+        for attribute in ("shape", "colour", "size", "material", "texture")
+    },
 }
 #: the columns of the Markdown table, in order
 TABLE_METRICS: tuple[str, ...] = (
@@ -114,6 +118,12 @@ SWAP_TABLE_METRICS: tuple[str, ...] = (
     "attribute_swap_size",
     "attribute_swap_material",
     "attribute_swap_texture",
+)
+
+
+#: the columns of the third table: the linear perception probe of the image features (no text involved)
+PERCEPTION_TABLE_METRICS: tuple[str, ...] = tuple(
+    f"probe_{a}" for a in ("shape", "colour", "size", "material", "texture")
 )
 
 
@@ -772,6 +782,10 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
     table = markdown_table(summary, configs)
     table += "\nAttribute swap by test items (seen / held-out combinations) and by the swapped attribute:\n\n"
     table += markdown_table(summary, configs, SWAP_TABLE_METRICS)
+    table += (
+        "\nWhat the image tower encodes: linear probe of the subject's image features (chance: the majority value):\n\n"
+    )
+    table += markdown_table(summary, configs, PERCEPTION_TABLE_METRICS)
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
         "configs": {name: asdict(configs[name]) for name in settings.configs},

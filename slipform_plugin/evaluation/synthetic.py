@@ -13,6 +13,8 @@ Metrics (all from the test split's stored metadata):
   layout without the reference and distractors), with one class embedding per value: the mean embedding of
   the noun phrases "a <size> <colour> <material> <texture> <shape>" over all values of the other attributes
   in the samples' world.
+- ``perception``: a linear probe of the same subject features (ridge classifier, two folds) for shape, colour,
+  size, material and texture: whether the image tower encodes an attribute at all, with no text involved.
 """
 
 from __future__ import annotations
@@ -122,6 +124,53 @@ def _class_embeddings(encoder: Encoder, attribute: str, world: World) -> tuple[l
     return list(values), torch.stack(embeddings)
 
 
+#: the attributes the perception probe decodes from the subject's image features
+PROBED_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "material", "texture")
+#: ridge penalty of the probe (features are L2-normalised, so X^T X has trace n)
+PROBE_RIDGE = 0.1
+
+
+def perception_probe(features: np.ndarray, subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    """Linear decodability of each attribute from image features alone: what the image tower perceives.
+
+    A ridge-regression classifier (one-hot targets, bias, penalty :data:`PROBE_RIDGE`) is fitted on one half of
+    the items (even positions) and scored on the other (odd), then the other way round; the accuracy is the
+    mean of both folds. No text is involved, so a low probe accuracy means the tower does not encode the
+    attribute, and no caption, negative or loss can bind it. Attributes with a single value in the samples (the
+    simple world's material and texture) are left out.
+
+    Args:
+        features: ``[N, D]`` image features of the subject rendered alone.
+        subjects: per item, the subject group's attributes (``shape``, ``colour``, ``size``, ...).
+    Returns:
+        ``{attribute: {"accuracy", "majority", "classes"}, "n": N}``; ``majority`` is the share of the most common
+        value, the accuracy of a probe that ignores the image.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    design = np.concatenate([features, np.ones((len(features), 1))], axis=1)
+    folds = (np.arange(len(features)) % 2 == 0, np.arange(len(features)) % 2 == 1)
+    result: dict[str, Any] = {}
+    for attribute in PROBED_ATTRIBUTES:
+        labels = [str(subject[attribute]) for subject in subjects]
+        values = sorted(set(labels))
+        if len(values) < 2 or len(features) < 4:
+            continue
+        index = np.array([values.index(label) for label in labels])
+        targets = np.eye(len(values))[index]
+        correct = []
+        for train, test in (folds, folds[::-1]):
+            x = design[train]
+            weights = np.linalg.solve(x.T @ x + PROBE_RIDGE * np.eye(x.shape[1]), x.T @ targets[train])
+            correct.append(float((np.argmax(design[test] @ weights, axis=1) == index[test]).mean()))
+        result[attribute] = {
+            "accuracy": float(np.mean(correct)),
+            "majority": float(np.bincount(index).max() / len(index)),
+            "classes": len(values),
+        }
+    result["n"] = len(features)
+    return result
+
+
 def _recall(sims: np.ndarray, query_labels: list[str], target_labels: list[str], ks: Iterable[int]) -> dict:
     order = np.argsort(-sims, axis=1)
     targets = np.asarray(target_labels)
@@ -184,10 +233,12 @@ def evaluate_synthetic(encoder: Encoder, samples: list[dict[str, Any]]) -> dict[
         truth = np.array([values.index(s["meta"]["scene"]["subject"][attribute]) for s in samples])
         zero_shot[attribute] = {"accuracy": float((predicted == truth).mean()), "classes": len(values)}
     zero_shot["n"] = len(samples)
+    perception = perception_probe(subject_feats, [s["meta"]["scene"]["subject"] for s in samples])
     return {
         "hard": hard,
         "retrieval": retrieval,
         "zero_shot": zero_shot,
+        "perception": perception,
         "n": len(samples),
         "n_heldout": int(heldout.sum()),
     }
