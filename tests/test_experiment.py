@@ -304,3 +304,26 @@ def test_oracle_negatives_planted_and_audited(tmp_path):
     assert audit_negatives(tmp_path / "planted", world="simple")["swap_attributes"]["in_vocabulary"] < 1.0
     first = oracle.plant(["x"], ["train000000000"])[0]
     assert first == oracle.plant(["x"], ["train000000000"])[0] and oracle.plant(["x"], ["unknown"]) == [[]]
+
+
+def test_paired_differences_pair_runs_by_seed():
+    from slipform_plugin.evaluation.experiment import paired_differences, paired_table
+
+    def run(config, seed, swap, r1):
+        return {
+            "config": config,
+            "seed": seed,
+            "metrics": {"attribute_swap": swap, "attribute_replace": 0.8, "i2t_r1": r1},
+        }
+
+    records = [run("a", 0, 0.70, 0.50), run("a", 1, 0.60, 0.40), run("b", 0, 0.75, 0.52), run("b", 1, 0.61, 0.40)]
+    records.append(run("c", 1, 0.70, 0.30))  # c has seed 1 only: c - a and c - b pair that seed alone
+    pairs = {entry["pair"]: entry for entry in paired_differences(records)}
+    assert set(pairs) == {"b - a", "c - a", "c - b"}
+    assert pairs["b - a"]["seeds"] == [0, 1]
+    assert pairs["b - a"]["attribute_swap"]["per_seed"] == pytest.approx([0.05, 0.01])
+    assert pairs["b - a"]["attribute_swap"]["mean"] == pytest.approx(0.03)
+    assert pairs["b - a"]["attribute_swap"]["std"] == pytest.approx(math.sqrt(2 * 0.02**2))
+    assert pairs["c - b"]["seeds"] == [1] and pairs["c - b"]["i2t_r1"]["per_seed"] == pytest.approx([-0.10])
+    table = paired_table(list(pairs.values()))
+    assert "| b - a | hard negatives, no margins | +3.0 ± 2.8 (+5.0, +1.0) |" in table

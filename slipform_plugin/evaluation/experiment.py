@@ -518,6 +518,65 @@ def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, di
     return summary
 
 
+#: the paired comparisons of the experiment: (minuend, subtrahend, what the difference isolates)
+PAIRS: tuple[tuple[str, str, str], ...] = (
+    ("b", "a", "hard negatives, no margins"),
+    ("c", "a", "Slipform against CLIP"),
+    ("d", "a", "uniform draw against CLIP"),
+    ("e1", "a", "concreteness margin only"),
+    ("e2", "a", "difficulty margin only"),
+    ("c", "b", "what Cement adds to InfoNCE"),
+    ("c", "d", "what concreteness ranking adds"),
+    ("o", "a", "oracle negatives against CLIP"),
+)
+#: the metrics of the paired table
+PAIRED_METRICS: tuple[str, ...] = ("attribute_swap", "attribute_replace", "i2t_r1")
+
+
+def paired_differences(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per pair of :data:`PAIRS` with both configurations run: per-seed differences of :data:`PAIRED_METRICS`.
+
+    Configurations of one seed share the training data, the planted negatives, the initialisation and (with
+    ``--seed-sample-shuffle``) the sample order, so differences paired by seed resolve more than the spreads.
+    Returns a list of ``{"pair", "meaning", "seeds", metric: {"per_seed", "mean", "std"}}``.
+    """
+    by_key = {(r["config"], r["seed"]): r["metrics"] for r in records if "metrics" in r}
+    out = []
+    for first, second, meaning in PAIRS:
+        seeds = sorted(s for (c, s) in by_key if c == first and (second, s) in by_key)
+        if not seeds:
+            continue
+        entry: dict[str, Any] = {"pair": f"{first} - {second}", "meaning": meaning, "seeds": seeds}
+        for metric in PAIRED_METRICS:
+            diffs = [
+                by_key[(first, s)][metric] - by_key[(second, s)][metric]
+                for s in seeds
+                if by_key[(first, s)].get(metric) is not None and by_key[(second, s)].get(metric) is not None
+            ]
+            if diffs:
+                std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                entry[metric] = {"per_seed": diffs, "mean": statistics.fmean(diffs), "std": std}
+        out.append(entry)
+    return out
+
+
+def paired_table(pairs: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`paired_differences`: mean ± sd over seeds (per-seed values), percentage points."""
+    header = ["pair", "what it isolates", *(METRICS[m][1] for m in PAIRED_METRICS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in pairs:
+        cells = [entry["pair"], entry["meaning"]]
+        for metric in PAIRED_METRICS:
+            stat = entry.get(metric)
+            if stat is None:
+                cells.append("n/a")
+                continue
+            per_seed = ", ".join(f"{100 * d:+.1f}" for d in stat["per_seed"])
+            cells.append(f"{100 * stat['mean']:+.1f} ± {100 * stat['std']:.1f} ({per_seed})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(
     summary: dict[str, dict[str, Any]], configs: dict[str, Config], metrics: tuple[str, ...] = TABLE_METRICS
 ) -> str:
@@ -786,6 +845,10 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
         "\nWhat the image tower encodes: linear probe of the subject's image features (chance: the majority value):\n\n"
     )
     table += markdown_table(summary, configs, PERCEPTION_TABLE_METRICS)
+    pairs = paired_differences(records)
+    if pairs:
+        table += "\nDifferences paired by seed (percentage points; mean ± sd over seeds, per-seed values):\n\n"
+        table += paired_table(pairs)
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
         "configs": {name: asdict(configs[name]) for name in settings.configs},
@@ -795,6 +858,7 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
         "runs": [{k: v for k, v in r.items() if k != "eval"} for r in records],
         "failures": failures,
         "summary": summary,
+        "paired": pairs,
         "total_seconds": round(time.perf_counter() - started, 1),
         # every CPU second spent (this process, training runs, shard writers): the machine-independent cost
         "total_cpu_seconds": round(_own_cpu_seconds() + _children_cpu_seconds() - cpu_started, 1),
