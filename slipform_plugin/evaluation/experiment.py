@@ -841,10 +841,11 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
     table = markdown_table(summary, configs)
     table += "\nAttribute swap by test items (seen / held-out combinations) and by the swapped attribute:\n\n"
     table += markdown_table(summary, configs, SWAP_TABLE_METRICS)
-    table += (
-        "\nWhat the image tower encodes: linear probe of the subject's image features (chance: the majority value):\n\n"
-    )
-    table += markdown_table(summary, configs, PERCEPTION_TABLE_METRICS)
+    if any(metric in entry for entry in summary.values() for metric in PERCEPTION_TABLE_METRICS):
+        table += (
+            "\nWhat the image tower encodes: linear probe of the subject's image features (chance: majority value):\n\n"
+        )
+        table += markdown_table(summary, configs, PERCEPTION_TABLE_METRICS)
     pairs = paired_differences(records)
     if pairs:
         table += "\nDifferences paired by seed (percentage points; mean ± sd over seeds, per-seed values):\n\n"
