@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from slipform_plugin._argtypes import positive_int
+from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
 from slipform_plugin.synthetic.scene import WORLDS, get_world
 
 logger = logging.getLogger("slipform")
@@ -92,7 +93,7 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "zs_colour": (("zero_shot", "colour", "accuracy"), "zero-shot colour"),
     **{
         f"probe_{attribute}": (("perception", attribute, "accuracy"), f"probe {attribute}")
-        for attribute in ("shape", "colour", "size", "material", "texture")
+        for attribute in PROBED_ATTRIBUTES
     },
 }
 #: the columns of the Markdown table, in order
@@ -122,9 +123,7 @@ SWAP_TABLE_METRICS: tuple[str, ...] = (
 
 
 #: the columns of the third table: the linear perception probe of the image features (no text involved)
-PERCEPTION_TABLE_METRICS: tuple[str, ...] = tuple(
-    f"probe_{a}" for a in ("shape", "colour", "size", "material", "texture")
-)
+PERCEPTION_TABLE_METRICS: tuple[str, ...] = tuple(f"probe_{attribute}" for attribute in PROBED_ATTRIBUTES)
 
 
 @dataclass(frozen=True)
