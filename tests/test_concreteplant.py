@@ -630,3 +630,27 @@ def test_audit_synthetic_measures_binding_swaps_and_vocabulary(plant):
     assert audit["negatives"] == 180
     assert audit["binding_swap_of_swap_attributes"] >= 0.95
     assert audit["kinds"]["replace_relation"]["in_vocabulary"] == 1.0
+
+
+def test_cached_vocabulary_filter_equals_checking_each_rendered_lemma(plant):
+    from slipform_plugin.concreteplant import corpus, corpus_vocabulary, operations, parsing
+
+    captions = [*_synthetic_captions(30), *CAPTIONS, "TWO RED BALLS", "Three Dogs Are Running To The Left Of A Cat."]
+    vocabulary = corpus_vocabulary([*captions, "balls dog dogs cats run runs ran sat"])
+    checked = 0
+    for caption, toks in zip(captions, parsing.parse(plant.nlp, captions), strict=True):
+        analysis = operations.CaptionAnalysis(caption, toks, vocabulary)
+        for unit in analysis.units:
+            if unit.kind == "container":
+                continue
+            cached = operations._allowed_lemmas(
+                unit.pool, unit.kind, unit.plural, unit.tag, operations._case_template(unit.text), vocabulary
+            )
+            direct = {
+                lemma
+                for lemma in lexicon.pool_lemmas(*unit.pool)
+                if corpus.allows(vocabulary, operations._render(unit, lemma))
+            }
+            assert cached == direct, (caption, unit)
+            checked += 1
+    assert checked > 100

@@ -521,15 +521,41 @@ class CaptionAnalysis:
         return corpus.allows(self.allowed, text)
 
 
+def _inflect(pos: str, kind: str, plural: bool, tag: str, lemma: str) -> str:
+    """The lowercase word a replacement ``lemma`` becomes in a unit of this POS, kind, number and tag."""
+    if pos == "NOUN" and kind == "replace_object":
+        return L.pluralize(lemma) if plural else lemma
+    if pos == "VERB":
+        return L.verb_form(lemma, tag)
+    return lemma
+
+
 def _render(unit: Unit, lemma: str) -> str:
-    pos = unit.pool[0]
-    if pos == "NOUN" and unit.kind == "replace_object":
-        word = L.pluralize(lemma) if unit.plural else lemma
-    elif pos == "VERB":
-        word = L.verb_form(lemma, unit.tag)
-    else:
-        word = lemma
-    return L.match_case(unit.text, word)
+    return L.match_case(unit.text, _inflect(unit.pool[0], unit.kind, unit.plural, unit.tag, lemma))
+
+
+def _case_template(text: str) -> str:
+    """A stand-in for ``text`` with its casing pattern (lower, Title or UPPER), as :func:`L.match_case` reads it."""
+    if len(text) > 1 and text.isupper():
+        return "AA"
+    return "Aa" if text[:1].isupper() else "aa"
+
+
+@functools.lru_cache(maxsize=4096)
+def _allowed_lemmas(
+    pool: tuple[str, str | None], kind: str, plural: bool, tag: str, case: str, allowed: frozenset[str]
+) -> frozenset[str]:
+    """The lemmas of ``pool`` whose rendered form the corpus vocabulary ``allowed`` accepts.
+
+    This is what ``a.allows(_render(unit, lemma))`` says for every lemma of the pool, computed once per kind of
+    unit (its pool, kind, number, tag and casing) instead of once per caption: with a closed vocabulary most
+    random draws fail and :func:`_pick` falls back to filtering the whole pool.
+    """
+    return frozenset(
+        lemma
+        for lemma in L.pool_lemmas(*pool)
+        if corpus.allows(allowed, L.match_case(case, _inflect(pool[0], kind, plural, tag, lemma)))
+    )
 
 
 def _converse(a: CaptionAnalysis, unit: Unit) -> str | None:
@@ -559,7 +585,13 @@ def _replace_candidates(a: CaptionAnalysis, rng: random.Random, variants: bool =
     for unit in a.units:
         if unit.kind == "container":
             continue
-        accept = None if a.allowed is None else (lambda lemma, unit=unit: a.allows(_render(unit, lemma)))
+        accept = (
+            None
+            if a.allowed is None
+            else _allowed_lemmas(
+                unit.pool, unit.kind, unit.plural, unit.tag, _case_template(unit.text), a.allowed
+            ).__contains__
+        )
         new = _pick(rng, unit.pool, unit.lemma, a.lemmas, accept)
         converse = _converse(a, unit)
         if converse is not None:
