@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval-plant": ("slipform_plugin.concreteplant.evaluate", "ConcretePlant quality report on SugarCrepe"),
     "eval": ("slipform_plugin.evaluation.cli", "evaluate a model on compositional benchmarks"),
     "experiment": ("slipform_plugin.evaluation.experiment", "the synthetic ablation experiment"),
+    "controls": ("slipform_plugin.evaluation.controls", "what the experiment's image tower can learn in its budget"),
 }
 
 
