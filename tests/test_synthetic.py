@@ -278,6 +278,8 @@ def test_make_shards_world_flag(tmp_path, capsys):
         (["--num", "3", "--shard-size", "-1"], "--shard-size: expected a positive integer"),
         (["--num", "3", "--image-size", "8"], "image_size must be an integer in [24, 1024], got 8"),
         (["--num", "3", "--world", "huge"], "--world: invalid choice: 'huge'"),
+        (["--num", "3", "--single-group-fraction", "1"], "single_group_fraction must be a number in [0, 1), got 1.0"),
+        (["--num", "3", "--split", "test", "--single-group-fraction", "0.5"], "applies to the train split only"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, argv, message):
@@ -297,3 +299,33 @@ def test_write_shards_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="image_format must be one of"):
         write_shards(tmp_path, 1, image_format="gif")
     assert not list(Path(tmp_path).iterdir())
+
+
+def test_single_group_items_show_and_caption_only_their_subject(tmp_path, capsys):
+    from slipform_plugin.synthetic.render import render_objects
+    from slipform_plugin.synthetic.scene import Placed
+
+    items = [make_item(2, "train", index, single_group_fraction=0.5) for index in range(120)]
+    single = [item for item in items if item.meta.get("single_group")]
+    assert 40 <= len(single) <= 80
+    for item in single:
+        assert item.caption == item.scene.subject.phrase() and item.meta["hard"] == {} and not item.hard
+        scene = item.meta["scene"]
+        assert scene["reference"] is None and scene["relation"] is None and scene["distractors"] == []
+        assert {o["role"] for o in scene["objects"]} == {"subject"}
+        assert len(scene["objects"]) == item.scene.subject.count
+        # the image is the subject's objects alone, where the two-group scene had them
+        objects = [Placed(**o) for o in scene["objects"]]
+        background = int(item.image[0, 0, 0])
+        assert (item.image == render_objects(objects, 64, background=background)).all()
+        assert not (item.image == make_item(2, "train", item.meta["index"]).image).all()
+    # every other item is exactly the item of the plain training split
+    for item in items:
+        if not item.meta.get("single_group"):
+            plain = make_item(2, "train", item.meta["index"])
+            assert item.caption == plain.caption and (item.image == plain.image).all() and item.meta == plain.meta
+    assert make_shards_main([str(tmp_path), "--num", "8", "--seed", "2", "--single-group-fraction", "0.5"]) == 0
+    info = json.loads((tmp_path / "slipform-synthetic.json").read_text())
+    assert info["single_group_fraction"] == 0.5
+    with pytest.raises(ValueError, match="train split only"):
+        make_item(2, "test", 0, single_group_fraction=0.25)

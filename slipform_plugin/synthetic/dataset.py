@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from slipform_plugin.synthetic.render import render_array
+from slipform_plugin.synthetic.render import render_array, render_objects
 from slipform_plugin.synthetic.scene import (
     SPLITS,
     HeldOut,
@@ -31,7 +31,10 @@ MIN_IMAGE_SIZE = 24
 
 @dataclass(frozen=True)
 class SyntheticItem:
-    """One sample: ``image`` is ``uint8 [S, S, 3]``; ``meta`` is the JSON stored beside the caption."""
+    """One sample: ``image`` is ``uint8 [S, S, 3]``; ``meta`` is the JSON stored beside the caption.
+
+    ``scene`` is the sampled scene; for a single-group item it is the scene whose subject the image shows.
+    """
 
     key: str
     image: np.ndarray
@@ -57,10 +60,38 @@ def check_args(seed: int, split: str, image_size: int) -> None:
         raise ValueError(f"image_size must be an integer in [{MIN_IMAGE_SIZE}, 1024], got {image_size!r}")
 
 
-def make_item(seed: int, split: str, index: int, image_size: int = 64, world: str | World = "default") -> SyntheticItem:
+def check_single_group_fraction(fraction: float, split: str) -> None:
+    """Raise ``ValueError`` unless ``fraction`` is in [0, 1) and, when positive, ``split`` is ``train``."""
+    if not isinstance(fraction, int | float) or not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"single_group_fraction must be a number in [0, 1), got {fraction!r}")
+    if fraction > 0 and split != "train":
+        raise ValueError(f"single_group_fraction applies to the train split only, got split {split!r}")
+
+
+def is_single_group(seed: int, split: str, index: int, fraction: float) -> bool:
+    """Whether training item ``index`` is a single-group item (its own random stream, so the other items are the
+    same as with ``fraction = 0``)."""
+    return fraction > 0 and random.Random(f"slipform-{seed}-{split}-{index}-single").random() < fraction
+
+
+def make_item(
+    seed: int,
+    split: str,
+    index: int,
+    image_size: int = 64,
+    world: str | World = "default",
+    single_group_fraction: float = 0.0,
+) -> SyntheticItem:
     """Item ``index`` of the ``split`` split of ``world`` (a name in ``WORLDS``) generated from ``seed``
-    (held-out rule included)."""
+    (held-out rule included).
+
+    With ``single_group_fraction`` (train split only), that share of the items shows only the subject group of
+    its scene, at the same place, captioned by the group's noun phrase alone ("two small red matte striped
+    circles"): object-level captions of the kind real corpora mix with relational ones. Such an item has no
+    hard captions (``meta["hard"]`` is empty), ``meta["single_group"]`` is true and its scene has no reference.
+    """
     check_args(seed, split, image_size)
+    check_single_group_fraction(single_group_fraction, split)
     world = get_world(world)
     rng = random.Random(f"slipform-{seed}-{split}-{index}")
     heldout = heldout_for_seed(seed)
@@ -73,8 +104,27 @@ def make_item(seed: int, split: str, index: int, image_size: int = 64, world: st
     else:
         raise LayoutError(f"no scene fitted a {image_size}px canvas in 50 tries; use a larger image_size")
     hard = hard_captions(scene, rng, world)
-    image = render_array(scene, image_size, background=rng.randint(20, 45))
+    background = rng.randint(20, 45)
     key = f"{split}{index:09d}"
+    if is_single_group(seed, split, index, single_group_fraction):
+        objects = tuple(o for o in scene.objects if o.role == "subject")
+        image = render_objects(objects, image_size, background=background)
+        caption = scene.subject.phrase()
+        scene_json = scene.to_json()
+        own_tag = f"colour_shape:{scene.subject.colour} {scene.subject.shape}"
+        scene_json.update(
+            relation=None,
+            reference=None,
+            distractors=[],
+            heldout=[tag for tag in scene_json["heldout"] if tag == own_tag],
+            objects=[o for o in scene_json["objects"] if o["role"] == "subject"],
+        )
+        meta = {
+            "key": key, "seed": seed, "split": split, "world": world.name, "index": index, "caption": caption,
+            "hard": {}, "scene": scene_json, "single_group": True,
+        }  # fmt: skip
+        return SyntheticItem(key, image, caption, {}, scene, meta)
+    image = render_array(scene, image_size, background=background)
     caption = scene.caption()
     meta = {
         "key": key,

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from slipform_plugin._argtypes import non_negative_int, positive_int
-from slipform_plugin.synthetic.dataset import check_args, heldout_for_seed, make_item
+from slipform_plugin.synthetic.dataset import check_args, check_single_group_fraction, heldout_for_seed, make_item
 from slipform_plugin.synthetic.scene import SPLITS, WORLDS, get_world
 
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")
@@ -54,7 +54,14 @@ def shard_pattern(out_dir: Path, num_shards: int) -> str:
 
 
 def _write_one_shard(
-    path: Path, indices: range, seed: int, split: str, image_size: int, image_format: str, world: str
+    path: Path,
+    indices: range,
+    seed: int,
+    split: str,
+    image_size: int,
+    image_format: str,
+    world: str,
+    single_group_fraction: float = 0.0,
 ) -> Path:
     """Write items ``indices`` to ``path`` (through a temporary file, so a crash leaves no partial shard)."""
     import webdataset as wds  # imported here: the package import stays cheap
@@ -63,7 +70,7 @@ def _write_one_shard(
     with open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream, encoder=False, mtime=0.0)
         for index in indices:
-            item = make_item(seed, split, index, image_size, world)
+            item = make_item(seed, split, index, image_size, world, single_group_fraction)
             writer.write(
                 {
                     "__key__": item.key,
@@ -87,12 +94,14 @@ def write_shards(
     image_format: str = "png",
     workers: int = 1,
     world: str = "default",
+    single_group_fraction: float = 0.0,
 ) -> ShardSummary:
     """Write ``num`` items of ``split`` into ``out_dir/shard-00000.tar``, ... (``shard_size`` per shard).
 
     Also writes ``out_dir/slipform-synthetic.json`` with the settings and the held-out rule. ``workers > 1``
     writes shards in parallel processes; the bytes written do not depend on it. ``world`` names a preset of
-    :data:`~slipform_plugin.synthetic.scene.WORLDS`.
+    :data:`~slipform_plugin.synthetic.scene.WORLDS`. ``single_group_fraction`` (train only) is the share of items
+    that show and caption only their subject group (see :func:`~slipform_plugin.synthetic.dataset.make_item`).
     Raises ``ValueError`` naming the argument when one is out of range.
     """
     if not isinstance(num, int) or num < 1:
@@ -105,6 +114,7 @@ def write_shards(
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     check_args(seed, split, image_size)
     get_world(world)  # raises ValueError naming the argument
+    check_single_group_fraction(single_group_fraction, split)
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     num_shards = (num + shard_size - 1) // shard_size
@@ -113,7 +123,7 @@ def write_shards(
         (out / f"shard-{shard:05d}.tar", range(shard * shard_size, min(num, (shard + 1) * shard_size)))
         for shard in range(num_shards)
     ]
-    settings = (seed, split, image_size, image_format, world)
+    settings = (seed, split, image_size, image_format, world, single_group_fraction)
     if workers > 1 and num_shards > 1:
         import multiprocessing
 
@@ -131,6 +141,7 @@ def write_shards(
         "seed": seed,
         "split": split,
         "world": world,
+        "single_group_fraction": single_group_fraction,
         "shard_size": shard_size,
         "image_size": image_size,
         "image_format": image_format,
@@ -162,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="scene world: default (the benchmark) or simple (one material, one texture, larger objects)",
     )
+    parser.add_argument(
+        "--single-group-fraction",
+        type=float,
+        default=0.0,
+        help="train only: share of items showing and captioning only their subject group (default 0)",
+    )
     return parser
 
 
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             args.format,
             args.workers,
             args.world,
+            args.single_group_fraction,
         )
     except ValueError as err:
         print(f"slipform make-shards: error: {err}", file=sys.stderr)
