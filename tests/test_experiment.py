@@ -327,3 +327,35 @@ def test_paired_differences_pair_runs_by_seed():
     assert pairs["c - b"]["seeds"] == [1] and pairs["c - b"]["i2t_r1"]["per_seed"] == pytest.approx([-0.10])
     table = paired_table(list(pairs.values()))
     assert "| b - a | hard negatives, no margins | +3.0 ± 2.8 (+5.0, +1.0) |" in table
+
+
+def test_single_group_fraction_reaches_the_training_shards_only(tmp_path, capsys):
+    """Training items without a reference get no oracle negatives and no binding swaps in the audit."""
+    from slipform_plugin.evaluation.ablations import SyntheticOracleNegatives, plant_shards
+    from slipform_plugin.evaluation.experiment import audit_negatives, build_parser, make_data, settings_from_args
+    from slipform_plugin.synthetic.shards import INFO_FILE
+
+    argv = ["--quick", "--out", str(tmp_path), "--single-group-fraction", "0.5", "--train-samples", "16",
+            "--test-samples", "4"]  # fmt: skip
+    settings = settings_from_args(build_parser().parse_args(argv))
+    assert settings.single_group_fraction == 0.5
+    data = make_data(settings)
+    assert json.loads((tmp_path / "data" / "train" / INFO_FILE).read_text())["single_group_fraction"] == 0.5
+    assert json.loads((tmp_path / "data" / "test" / INFO_FILE).read_text())["single_group_fraction"] == 0.0
+    shards = sorted((tmp_path / "data" / "train").glob("*.tar"))
+    oracle = SyntheticOracleNegatives.from_shards(shards, num_negatives=6, seed=0)
+    empty = [key for key, hard in oracle.hard_by_key.items() if not hard]
+    assert 3 <= len(empty) <= 13 and all(oracle.plant(["x"], [key]) == [[]] for key in empty)
+    counts = plant_shards(oracle, shards, tmp_path / "planted")
+    assert counts["negatives"] == 6 * (16 - len(empty))
+    audit = audit_negatives(tmp_path / "planted")
+    assert audit["swap_attributes"]["n"] == 16 - len(empty) and audit["swap_attributes"]["binding_swap"] == 1.0
+    # the same settings reuse the shards; another fraction writes them again
+    assert make_data(settings)["train"] == data["train"]
+    settings.single_group_fraction = 0.0
+    make_data(settings)
+    assert json.loads((tmp_path / "data" / "train" / INFO_FILE).read_text())["single_group_fraction"] == 0.0
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--single-group-fraction", bad])
+        assert "--single-group-fraction" in capsys.readouterr().err

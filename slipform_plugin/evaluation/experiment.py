@@ -165,6 +165,7 @@ class Settings:
     extra_train_args: list[str] = field(default_factory=list)
     world: str = "default"
     hard_weight: float = 0.0
+    single_group_fraction: float = 0.0
 
 
 def build_configs(
@@ -243,6 +244,8 @@ def make_data(settings: Settings) -> dict[str, Any]:
             "image_size": settings.image_size,
             "world": settings.world,
         }
+        if split == "train":
+            expected["single_group_fraction"] = settings.single_group_fraction
         if not _shards_ready(directory, expected):
             shutil.rmtree(directory, ignore_errors=True)
             if split == "train":  # negatives planted into older training shards are stale
@@ -258,6 +261,7 @@ def make_data(settings: Settings) -> dict[str, Any]:
                 split,
                 workers=settings.threads,
                 world=settings.world,
+                single_group_fraction=settings.single_group_fraction if split == "train" else 0.0,
             )
         result[split] = json.loads((directory / "slipform-synthetic.json").read_text())["pattern"]
     result["seconds"] = round(time.perf_counter() - started, 2)
@@ -309,7 +313,9 @@ def _binding_swaps(scene: dict[str, Any]) -> set[str]:
     from slipform_plugin.synthetic.scene import Group, caption_of
 
     subject, reference = scene["subject"], scene["reference"]
-    swaps = set()
+    swaps: set[str] = set()
+    if reference is None:  # a single-group item (--single-group-fraction): nothing to swap
+        return swaps
     for attribute in ("size", "colour", "material", "texture", "shape"):
         if subject[attribute] != reference[attribute]:
             new_subject = Group(**{**subject, attribute: reference[attribute]})
@@ -634,7 +640,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> bool:
 #: defaults of the full experiment and of ``--quick`` (a flag given explicitly wins over both)
 DEFAULTS: dict[str, Any] = {
     "seeds": "0,1,2",
-    "train_samples": 12288,
+    "train_samples": 10240,
     "test_samples": 500,
     "epochs": 1,
     "batch_size": 64,
@@ -650,6 +656,16 @@ QUICK: dict[str, Any] = {
     "lr": 2e-3,
     "warmup": 2,
 }
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -702,6 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(WORLDS),
         default="default",
         help="synthetic world of train and test data (default: the benchmark; simple: the calibration world)",
+    )
+    p.add_argument(
+        "--single-group-fraction",
+        type=_fraction,
+        default=0.0,
+        help="share of training items that show and caption only their subject group, e.g. 'two small red matte "
+        "striped circles' (default 0; the test split is unchanged)",
     )
     p.add_argument(
         "--model",
@@ -774,6 +797,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         keep_checkpoints=args.keep_checkpoints,
         extra_train_args=list(args.train_arg),
         world=args.world,
+        single_group_fraction=args.single_group_fraction,
     )
 
 
