@@ -18,7 +18,7 @@ in a few tens of seconds per control on two CPU cores.
 
 Example::
 
-    slipform controls --out runs/controls            # 160 steps of 64, the default experiment's budget
+    slipform controls --out runs/controls            # 128 steps of 64, the default experiment's budget
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def contrastive_control(
 
 def run_controls(
     out: Path,
-    steps: int = 160,
+    steps: int = 128,
     batch: int = 64,
     lr: float = 1e-3,
     warmup: int = 20,
@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("--out", default="runs/controls", help="output directory (default runs/controls)")
-    p.add_argument("--steps", type=positive_int, default=160, help="training steps (default 160: 10,240 / 64)")
+    p.add_argument(
+        "--steps", type=positive_int, default=128, help="training steps (default 128: the experiment's 8,192 / 64)"
+    )
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")

@@ -640,7 +640,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> bool:
 #: defaults of the full experiment and of ``--quick`` (a flag given explicitly wins over both)
 DEFAULTS: dict[str, Any] = {
     "seeds": "0,1,2",
-    "train_samples": 10240,
+    "train_samples": 8192,
     "test_samples": 500,
     "epochs": 1,
     "batch_size": 64,
