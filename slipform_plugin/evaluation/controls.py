@@ -12,8 +12,9 @@ experiment world's scenes rendered alone (the probe's images):
   striped circles"), image and text towers from scratch, scored with the experiment's own perception probe
   and zero-shot shape classification. It is the experiment's configuration (a) with one group per image.
 
-Both use AdamW (lr, weight decay 0.2, betas (0.9, 0.98), as OpenCLIP's defaults for these flags), a linear
-warm-up and a cosine decay to zero, and batch 64, one fresh batch per step. Everything runs in this process,
+Both use AdamW as ``open_clip_train.main`` builds it (weight decay 0.2 except on gains, biases and the logit
+scale; betas and eps of ``get_default_params`` for the model), a linear warm-up and a cosine decay to zero,
+and batch 64, one fresh batch per step. Everything runs in this process,
 in a few tens of seconds per control on two CPU cores.
 
 Example::
@@ -81,10 +82,26 @@ def _to_tensor(items: list[dict[str, Any]]):
     return (images - mean) / std
 
 
-def _optimizer(parameters, lr: float, steps: int, warmup: int):
-    import torch
+def _optimizer(named_parameters, model_name: str, lr: float, steps: int, warmup: int):
+    """AdamW and a warm-up + cosine schedule as ``open_clip_train.main`` builds them for ``model_name``.
 
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    Weight decay 0.2 (``--wd``'s default) on every parameter but gains, biases, norms and the logit scale; betas
+    and eps from ``open_clip_train.params.get_default_params`` for the model's name.
+    """
+    import torch
+    from open_clip_train.params import get_default_params
+
+    defaults = get_default_params(model_name)
+
+    def exclude(name: str, parameter) -> bool:
+        return parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in named_parameters if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(defaults["beta1"], defaults["beta2"]), eps=defaults["eps"])
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -95,7 +112,14 @@ def _optimizer(parameters, lr: float, steps: int, warmup: int):
 
 
 def supervised_control(
-    model: Any, train: list[dict[str, Any]], test: list[dict[str, Any]], steps: int, batch: int, lr: float, warmup: int
+    model: Any,
+    train: list[dict[str, Any]],
+    test: list[dict[str, Any]],
+    steps: int,
+    batch: int,
+    lr: float,
+    warmup: int,
+    model_name: str = "slipform-micro-cnn",
 ) -> dict[str, Any]:
     """Train ``model.visual`` with a linear head per attribute for ``steps`` batches; test accuracy per attribute.
 
@@ -114,7 +138,8 @@ def supervised_control(
     heads = torch.nn.ModuleDict({a: torch.nn.Linear(visual.output_dim, len(v)) for a, v in values.items()})
     labels = {a: torch.tensor([v.index(item[a]) for item in train]) for a, v in values.items()}
     images = _to_tensor(train)
-    optimizer, schedule = _optimizer([*visual.parameters(), *heads.parameters()], lr, steps, warmup)
+    named = [*visual.named_parameters(), *(("head." + n, p) for n, p in heads.named_parameters())]
+    optimizer, schedule = _optimizer(named, model_name, lr, steps, warmup)
     visual.train()
     for step in range(steps):
         rows = slice(step * batch, (step + 1) * batch)
@@ -149,6 +174,7 @@ def contrastive_control(
     lr: float,
     warmup: int,
     world_name: str,
+    model_name: str = "slipform-micro-cnn",
 ) -> dict[str, Any]:
     """CLIP loss on subject images and their noun phrases for ``steps`` batches, then the experiment's probes.
 
@@ -165,7 +191,7 @@ def contrastive_control(
     images = _to_tensor(train)
     texts = tokenizer([item["phrase"] for item in train])
     loss_fn = ClipLoss()
-    optimizer, schedule = _optimizer(model.parameters(), lr, steps, warmup)
+    optimizer, schedule = _optimizer(model.named_parameters(), model_name, lr, steps, warmup)
     model.train()
     loss = torch.zeros(())
     for step in range(steps):
@@ -246,10 +272,10 @@ def run_controls(
         model = open_clip.create_model(model_name)
         started = time.perf_counter()
         if control == "supervised":
-            result = supervised_control(model, train, test, steps, batch, lr, warmup)
+            result = supervised_control(model, train, test, steps, batch, lr, warmup, model_name)
         else:
             tokenizer = open_clip.get_tokenizer(model_name)
-            result = contrastive_control(model, tokenizer, train, test, steps, batch, lr, warmup, world)
+            result = contrastive_control(model, tokenizer, train, test, steps, batch, lr, warmup, world, model_name)
         result["seconds"] = round(time.perf_counter() - started, 2)
         results[control] = result
         logger.info("control %s: %s", control, _summary(control, result))
