@@ -111,6 +111,20 @@ def _optimizer(named_parameters, model_name: str, lr: float, steps: int, warmup:
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _train(loss_of_rows, optimizer, schedule, steps: int, batch: int, after_step=None):
+    """``steps`` optimizer steps on the loss of rows ``[step * batch, (step + 1) * batch)``; returns the last loss."""
+    loss = None
+    for step in range(steps):
+        loss = loss_of_rows(slice(step * batch, (step + 1) * batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if after_step is not None:
+            after_step()
+    return loss
+
+
 def supervised_control(
     model: Any,
     train: list[dict[str, Any]],
@@ -140,15 +154,13 @@ def supervised_control(
     images = _to_tensor(train)
     named = [*visual.named_parameters(), *(("head." + n, p) for n, p in heads.named_parameters())]
     optimizer, schedule = _optimizer(named, model_name, lr, steps, warmup)
-    visual.train()
-    for step in range(steps):
-        rows = slice(step * batch, (step + 1) * batch)
+
+    def loss_of_rows(rows: slice):
         features = visual(images[rows])
-        loss = sum(F.cross_entropy(heads[a](features), labels[a][rows]) for a in values)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        return sum(F.cross_entropy(heads[a](features), labels[a][rows]) for a in values)
+
+    visual.train()
+    _train(loss_of_rows, optimizer, schedule, steps, batch)
     visual.eval()
     with torch.no_grad():
         features = visual(_to_tensor(test))
@@ -192,19 +204,18 @@ def contrastive_control(
     texts = tokenizer([item["phrase"] for item in train])
     loss_fn = ClipLoss()
     optimizer, schedule = _optimizer(model.named_parameters(), model_name, lr, steps, warmup)
-    model.train()
-    loss = torch.zeros(())
-    for step in range(steps):
-        rows = slice(step * batch, (step + 1) * batch)
+
+    def loss_of_rows(rows: slice):
         image_features = model.encode_image(images[rows], normalize=True)
         text_features = model.encode_text(texts[rows], normalize=True)
-        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        return loss_fn(image_features, text_features, model.logit_scale.exp())
+
+    def clamp_logit_scale() -> None:  # as open_clip_train's train_one_epoch does after every step
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
+
+    model.train()
+    loss = _train(loss_of_rows, optimizer, schedule, steps, batch, clamp_logit_scale)
     model.eval()
 
     class _Texts:  # the Encoder.texts interface _class_embeddings needs
