@@ -103,14 +103,15 @@ def make_item(
             continue
     else:
         raise LayoutError(f"no scene fitted a {image_size}px canvas in 50 tries; use a larger image_size")
-    hard = hard_captions(scene, rng, world)
+    hard = hard_captions(scene, rng, world)  # drawn for every item, so the rng stream stays the same
     background = rng.randint(20, 45)
     key = f"{split}{index:09d}"
-    if is_single_group(seed, split, index, single_group_fraction):
-        objects = tuple(o for o in scene.objects if o.role == "subject")
-        image = render_objects(objects, image_size, background=background)
+    single_group = is_single_group(seed, split, index, single_group_fraction)
+    scene_json = scene.to_json()
+    if single_group:
+        image = render_objects([o for o in scene.objects if o.role == "subject"], image_size, background=background)
         caption = scene.subject.phrase()
-        scene_json = scene.to_json()
+        hard = {}
         own_tag = f"colour_shape:{scene.subject.colour} {scene.subject.shape}"
         scene_json.update(
             relation=None,
@@ -119,13 +120,9 @@ def make_item(
             heldout=[tag for tag in scene_json["heldout"] if tag == own_tag],
             objects=[o for o in scene_json["objects"] if o["role"] == "subject"],
         )
-        meta = {
-            "key": key, "seed": seed, "split": split, "world": world.name, "index": index, "caption": caption,
-            "hard": {}, "scene": scene_json, "single_group": True,
-        }  # fmt: skip
-        return SyntheticItem(key, image, caption, {}, scene, meta)
-    image = render_array(scene, image_size, background=background)
-    caption = scene.caption()
+    else:
+        image = render_array(scene, image_size, background=background)
+        caption = scene.caption()
     meta = {
         "key": key,
         "seed": seed,
@@ -134,6 +131,8 @@ def make_item(
         "index": index,
         "caption": caption,
         "hard": hard,
-        "scene": scene.to_json(),
+        "scene": scene_json,
     }
+    if single_group:
+        meta["single_group"] = True
     return SyntheticItem(key, image, caption, hard, scene, meta)
