@@ -340,7 +340,7 @@ def test_synthetic_benchmark_metrics(tmp_path, checkpoint, direct):
     assert "attribute_swap" in md and "R@5" in md and "zero-shot" in md
 
 
-@pytest.mark.parametrize("world", ["default", "simple"])
+@pytest.mark.parametrize("world", ["default", "simple", "pair"])
 def test_synthetic_retrieval_is_perfect_for_an_oracle_encoder(tmp_path, world):
     """The retrieval and zero-shot code, with features that encode the caption exactly, must score 100%."""
     from slipform_plugin.evaluation.synthetic import evaluate_synthetic, read_samples

@@ -90,7 +90,7 @@ def test_items():
     return [make_item(3, "test", i, 64) for i in range(300)]
 
 
-@pytest.fixture(scope="module", params=["default", "simple"])
+@pytest.fixture(scope="module", params=["default", "simple", "pair", "pair-relations"])
 def world_items(request, test_items):
     """300 test items of each world (the default world's are ``test_items``)."""
     if request.param == "default":
@@ -130,6 +130,10 @@ def test_hard_captions_differ_in_the_stated_way(world_items):
                 assert neg["subject"][attr] == truth["reference"][attr]
                 assert neg["reference"][attr] == truth["subject"][attr]
                 assert (kind == "object_swap") == (attr == "shape")
+            elif kind == "relation_swap" and hard["new"].endswith("(groups exchanged)"):
+                # a world without the converse relation states the converse fact by exchanging the groups
+                assert neg["relation"] == truth["relation"]
+                assert (neg["subject"], neg["reference"]) == (truth["reference"], truth["subject"])
             elif kind == "relation_swap":
                 assert changed == {("relation", "relation")}
                 assert neg["relation"] == RELATIONS[truth["relation"]]
@@ -167,10 +171,38 @@ def test_simple_world_keeps_to_its_values_and_sizes():
     replaced = {item.hard["attribute_replace"]["attribute"] for item in items}
     assert swapped == replaced == {"size", "colour"} == set(simple.attributes)
     assert get_world("default") is WORLDS["default"] and get_world(simple) is simple
-    with pytest.raises(ValueError, match="world must be one of default, simple, got 'huge'"):
+    with pytest.raises(ValueError, match="world must be one of default, simple, pair, pair-relations, got 'huge'"):
         make_item(0, "train", 0, world="huge")
     with pytest.raises(ValueError, match="world must be one of"):
         write_shards(Path("unused"), 4, world="huge")
+
+
+@pytest.mark.parametrize("name", ["pair", "pair-relations"])
+def test_pair_worlds_are_two_large_objects_in_the_world_relations(name):
+    """``pair``, the issue's first calibration check: one object per group, no distractor, one size, always
+    "to the left of"; ``pair-relations``: the same with the benchmark's four relations."""
+    world = WORLDS[name]
+    assert world.attributes == ("colour",)
+    relations_seen = set()
+    for split in ("train", "test"):
+        for i in range(200):
+            item = make_item(3, split, i, 64, world=name)
+            scene = item.meta["scene"]
+            assert scene["relation"] in world.relations and scene["distractors"] == []
+            relations_seen.add(scene["relation"])
+            assert len(scene["objects"]) == 2 and {o["role"] for o in scene["objects"]} == {"subject", "reference"}
+            for obj in scene["objects"]:
+                assert (obj["size"], obj["material"], obj["texture"]) == ("large", "matte", "solid")
+                assert obj["radius"] == pytest.approx(0.17 * 64, abs=0.01)
+            unseen = {"small", "metallic", "striped", "dotted"} | {
+                word for relation in set(RELATIONS) - set(world.relations) for word in relation.split()
+            } - {word for relation in world.relations for word in relation.split()}
+            for hard in item.hard.values():  # every hard caption keeps to the world's words
+                assert not set(hard["caption"].split()) & unseen, hard
+            exchanged = item.hard["relation_swap"]["new"].endswith("(groups exchanged)")
+            assert exchanged == (name == "pair")  # the converse where the world has it, else the groups exchanged
+            assert item.hard["attribute_swap"]["attribute"] == item.hard["attribute_replace"]["attribute"] == "colour"
+    assert relations_seen == set(world.relations)
 
 
 def test_heldout_combinations_absent_from_train_and_present_in_test(test_items):

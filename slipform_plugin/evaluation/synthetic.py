@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from slipform_plugin.evaluation.core import ChoiceItem, Encoder, LazyImage, accuracy_by_group, choice_correct
-from slipform_plugin.synthetic.scene import COLOURS, HARD_KINDS, SHAPES, SIZES, Placed, World, get_world
+from slipform_plugin.synthetic.scene import COLOURS, HARD_KINDS, SHAPES, Placed, World, get_world
 
 _IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -114,7 +114,7 @@ def _class_embeddings(encoder: Encoder, attribute: str, world: World) -> tuple[l
     for value in values:
         phrases = []
         for size, colour, material, texture, shape in itertools.product(
-            SIZES, COLOURS if attribute != "colour" else (value,), world.materials, world.textures,
+            world.sizes, COLOURS if attribute != "colour" else (value,), world.materials, world.textures,
             SHAPES if attribute != "shape" else (value,),
         ):  # fmt: skip
             article = "an" if size[0] in "aeiou" else "a"

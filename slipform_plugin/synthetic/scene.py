@@ -15,10 +15,13 @@ Held-out combinations (:class:`HeldOut`) are derived from the seed alone: some c
 (subject shape, relation, reference shape) triples never occur in the ``train`` split, and about half of the
 ``test`` items contain at least one of them.
 
-A :class:`World` (presets in :data:`WORLDS`) says which materials and textures occur, how large objects are drawn,
-and how many objects a scene holds: ``default`` is the benchmark; ``simple`` (one material, one texture, larger
-objects, at most two per group and one distractor) is the calibration world where perception is easy and only
-colour, size and shape vary.
+A :class:`World` (presets in :data:`WORLDS`) says which sizes, materials, textures and relations occur, how large
+objects are drawn, and how many objects a scene holds: ``default`` is the benchmark; ``simple`` (one material, one
+texture, larger objects, at most two per group and one distractor) is the calibration world where perception is
+easy and only colour, size and shape vary; ``pair`` is the issue's first calibration check (two large objects,
+one of each group, no distractor, always "to the left of"), where only colour and shape vary and word order alone
+says which object is where; ``pair-relations`` is ``pair`` with the benchmark's four relations, so that binding a
+colour to its object takes its shape or the relation word.
 """
 
 from __future__ import annotations
@@ -83,8 +86,11 @@ class World:
     """
 
     name: str = "default"
+    sizes: tuple[str, ...] = SIZES
     materials: tuple[str, ...] = MATERIALS
     textures: tuple[str, ...] = TEXTURES
+    #: the relation phrases scenes use (a subset of :data:`RELATIONS`)
+    relations: tuple[str, ...] = tuple(RELATIONS)
     #: object radius as a fraction of the image side, per size word
     radius_fraction: tuple[tuple[str, float], ...] = tuple(RADIUS_FRACTION.items())
     max_count: int = MAX_COUNT
@@ -92,7 +98,8 @@ class World:
 
     def values(self, attribute: str) -> tuple[str, ...]:
         """The values ``attribute`` takes in this world (``"size"``, ``"colour"``, ``"material"``, ...)."""
-        return {"material": self.materials, "texture": self.textures}.get(attribute) or _VALUES[attribute]
+        own = {"size": self.sizes, "material": self.materials, "texture": self.textures}
+        return own.get(attribute) or _VALUES[attribute]
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -111,7 +118,19 @@ WORLDS: dict[str, World] = {
         max_count=2,
         max_distractors=1,
     ),
+    "pair": World(
+        name="pair",
+        sizes=("large",),
+        materials=("matte",),
+        textures=("solid",),
+        relations=("to the left of",),
+        radius_fraction=(("large", 0.17),),
+        max_count=1,
+        max_distractors=0,
+    ),
 }
+#: ``pair`` with the four relations of the benchmark: word order alone no longer says where an object is
+WORLDS["pair-relations"] = replace(WORLDS["pair"], name="pair-relations", relations=tuple(RELATIONS))
 DEFAULT_WORLD = WORLDS["default"]
 
 
@@ -248,7 +267,7 @@ def _random_group(rng: random.Random, shape: str, colour: str, count: int, world
     return Group(
         shape=shape,
         colour=colour,
-        size=rng.choice(SIZES),
+        size=rng.choice(world.sizes),
         material=rng.choice(world.materials),
         texture=rng.choice(world.textures),
         count=count,
@@ -265,7 +284,7 @@ def sample_scene(rng: random.Random, split: str, heldout: HeldOut, world: World 
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     want_heldout = split == "test" and rng.random() < 0.5
     for _ in range(1000):
-        relation = rng.choice(tuple(RELATIONS))
+        relation = rng.choice(world.relations)
         if want_heldout and rng.random() < 0.5:  # force a held-out colour-shape pair on one group
             colour_a, shape_a = rng.choice(sorted(heldout.colour_shape))
             shape_b = rng.choice([s for s in SHAPES if s != shape_a])
@@ -322,12 +341,15 @@ def hard_captions(scene: Scene, rng: random.Random, world: World = DEFAULT_WORLD
         "old": [subj.shape, ref.shape],
         "new": [ref.shape, subj.shape],
     }
+    # the converse relation; a world without it (``pair``) exchanges the two groups instead, which states the
+    # converse fact in the world's own words ("B to the left of A" for "A to the left of B")
+    converse = RELATIONS[rel] in world.relations
     out["relation_swap"] = {
-        "caption": caption_of(subj, RELATIONS[rel], ref),
+        "caption": caption_of(subj, RELATIONS[rel], ref) if converse else caption_of(ref, rel, subj),
         "group": None,
         "attribute": "relation",
         "old": rel,
-        "new": RELATIONS[rel],
+        "new": RELATIONS[rel] if converse else f"{rel} (groups exchanged)",
     }
 
     def change(kind: str, attribute: str, choices: Any) -> None:
