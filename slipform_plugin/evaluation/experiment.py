@@ -717,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--world",
         choices=tuple(WORLDS),
         default="default",
-        help="synthetic world of train and test data (default: the benchmark; simple: the calibration world)",
+        help="synthetic world of train and test data (default: the benchmark; simple, pair, pair-relations: the "
+        "calibration worlds, see make-shards --help)",
     )
     p.add_argument(
         "--single-group-fraction",

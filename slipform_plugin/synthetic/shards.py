@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--world",
         choices=tuple(WORLDS),
         default="default",
-        help="scene world: default (the benchmark) or simple (one material, one texture, larger objects)",
+        help="scene world: default (the benchmark), simple (one material, one texture, larger objects), pair (two "
+        "large objects, always 'to the left of') or pair-relations (pair with the four relations)",
     )
     parser.add_argument(
         "--single-group-fraction",
