@@ -157,6 +157,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with the training hard-negative accuracy above chance (default: %(default)s).",
     )
     group.add_argument(
+        "--cement-hard-margin-difficulty",
+        action="store_true",
+        default=False,
+        help="Scale each hard negative's concreteness margin by its pair's difficulty, "
+        "sigmoid((sim_hard - sim_pos + delta) / gamma): the margin stays on negatives the model cannot yet tell "
+        "from the caption and fades from those it has separated.",
+    )
+    group.add_argument(
         "--seed-sample-shuffle",
         action="store_true",
         default=False,

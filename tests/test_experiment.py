@@ -186,6 +186,12 @@ def test_configs_differ_only_where_they_should():
         flags = weighted[name].flags
         assert flags[flags.index("--cement-hard-weight") + 1] == "1.5", name
     assert all("--cement-hard-weight" not in weighted[name].flags for name in ("a", "b"))
+    # The per-pair difficulty of the concreteness margin likewise.
+    assert all("--cement-hard-margin-difficulty" not in flags.flags for flags in configs.values())
+    scaled = build_configs(0.1, 0.05, "none", 0.0, hard_margin_difficulty=True)
+    for name in ("c", "d", "e1", "e2", "o"):
+        assert "--cement-hard-margin-difficulty" in scaled[name].flags, name
+    assert all("--cement-hard-margin-difficulty" not in scaled[name].flags for name in ("a", "b"))
 
 
 def test_margin_gate_flag_reaches_settings_and_is_checked(capsys):

@@ -362,3 +362,82 @@ def test_hard_weight_flag_reaches_the_loss_and_is_checked():
     assert create_cement_loss(parser.parse_args(["--cement-hard-weight", "1.5"])).hard_weight == 1.5
     with pytest.raises(ValueError, match=re.escape("hard_weight must be a finite number >= 0, got -1.0")):
         CementLoss(hard_weight=-1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
+def test_hard_margin_difficulty_scales_each_concreteness_margin_by_its_pair(impl, hard_weight):
+    """z'_ik = s x_i.h_ik + s mu_h c_ik sigmoid((x_i.h_ik - x_i.y_i + delta) / gamma), the factor a constant."""
+    image, text, hard, scores, mask = features(9, 12, negatives=3, seed=7)
+    scale = torch.tensor(15.0, requires_grad=True)
+    mu, delta, gamma = 0.3, 0.02, 0.07
+    loss = CementLoss(
+        margin_hard=mu,
+        margin_batch=0.0,
+        difficulty_offset=delta,
+        difficulty_temperature=gamma,
+        hard_weight=hard_weight,
+        hard_margin_difficulty=True,
+        impl=impl,
+    )(image, text, scale, None, hard, scores, mask)
+    with torch.no_grad():
+        hard_similarity = torch.einsum("bd,bkd->bk", image, hard)
+        positive = (image * text).sum(-1, keepdim=True)
+        margin = 15.0 * mu * scores * torch.sigmoid((hard_similarity - positive + delta) / gamma)
+    hard_logits = (scale * torch.einsum("bd,bkd->bk", image, hard) + margin).masked_fill(~mask, -torch.inf)
+    labels = torch.arange(9)
+    own_logits = torch.cat([scale * (image * text).sum(-1, keepdim=True), hard_logits], 1)
+    own = F.cross_entropy(own_logits, torch.zeros(9, dtype=torch.long), reduction="none")
+    expected = (
+        F.cross_entropy(torch.cat([scale * image @ text.T, hard_logits], 1), labels)
+        + F.cross_entropy(scale * text @ image.T, labels)
+        + hard_weight * own[mask.any(1)].sum() / 9
+    ) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads(loss, image, text, hard, scale), grads(expected, image, text, hard, scale)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    reference = cement_loss_reference(
+        image,
+        text,
+        scale,
+        hard,
+        scores,
+        mask,
+        margin_hard=mu,
+        difficulty_offset=delta,
+        difficulty_temperature=gamma,
+        hard_weight=hard_weight,
+        hard_margin_difficulty=True,
+    )
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hard_margin_difficulty_fades_on_separated_pairs_only():
+    """A negative far below the caption keeps (almost) no margin; one level with it keeps half."""
+    dim = 4
+    image = torch.eye(dim)[:2]
+    text = torch.eye(dim)[:2]
+    separated = torch.stack([torch.eye(dim)[3], torch.eye(dim)[3]])[:, None]  # cosine 0 against 1
+    tied = text[:, None].clone()  # the caption itself: cosine 1 against 1
+    scores, mask = torch.ones(2, 1), torch.ones(2, 1, dtype=torch.bool)
+
+    def extra(hard: torch.Tensor, difficulty: bool) -> torch.Tensor:
+        kwargs = dict(margin_batch=0.0, hard_margin_difficulty=difficulty, impl="reference")
+        with_margin = CementLoss(margin_hard=0.2, **kwargs)(image, text, 10.0, None, hard, scores, mask)
+        return with_margin - CementLoss(margin_hard=0.0, **kwargs)(image, text, 10.0, None, hard, scores, mask)
+
+    assert extra(separated, difficulty=True) < 1e-6 < extra(separated, difficulty=False)
+    constant, tied_difficulty = extra(tied, difficulty=False), extra(tied, difficulty=True)
+    assert 0 < tied_difficulty < constant  # half the margin (sigmoid(0) = 0.5) raises the loss less
+
+
+def test_hard_margin_difficulty_flag_reaches_the_loss():
+    import argparse
+
+    from slipform_plugin.integration import add_arguments
+    from slipform_plugin.losses import create_cement_loss
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert create_cement_loss(parser.parse_args(["--cement-hard-margin-difficulty"])).hard_margin_difficulty
+    assert not create_cement_loss(parser.parse_args([])).hard_margin_difficulty

@@ -166,18 +166,25 @@ class Settings:
     world: str = "default"
     hard_weight: float = 0.0
     single_group_fraction: float = 0.0
+    hard_margin_difficulty: bool = False
 
 
 def build_configs(
-    margin_hard: float, margin_batch: float, margin_gate: str = MARGIN_GATE, hard_weight: float = 0.0
+    margin_hard: float,
+    margin_batch: float,
+    margin_gate: str = MARGIN_GATE,
+    hard_weight: float = 0.0,
+    hard_margin_difficulty: bool = False,
 ) -> dict[str, Config]:
     """The configurations; ``margin_*`` are Cement's mu_h and mu_b for c, d and e (the ones left on),
-    ``margin_gate`` its ``--cement-margin-gate`` and ``hard_weight`` its ``--cement-hard-weight`` (every Cement
-    configuration)."""
+    ``margin_gate`` its ``--cement-margin-gate``, ``hard_weight`` its ``--cement-hard-weight`` and
+    ``hard_margin_difficulty`` its ``--cement-hard-margin-difficulty`` (every Cement configuration)."""
     mh, mb = f"{margin_hard:g}", f"{margin_batch:g}"
     cement: tuple[str, ...] = ("--loss", "cement", "--cement-margin-gate", margin_gate)
     if hard_weight != 0.0:
         cement += ("--cement-hard-weight", f"{hard_weight:g}")
+    if hard_margin_difficulty:
+        cement += ("--cement-hard-margin-difficulty",)
     return {
         "a": Config("a", "CLIP (no hard negatives)", ("--loss", "clip"), None),
         "b": Config("b", "InfoNCE + ConcretePlant (NegCLIP)", ("--loss", "infonce"), "concreteplant"),
@@ -751,6 +758,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cement-hard-weight", type=float, default=0.0, help="lambda of every Cement configuration (default 0)"
     )
+    p.add_argument(
+        "--cement-hard-margin-difficulty",
+        action="store_true",
+        help="--cement-hard-margin-difficulty for every Cement configuration (each concreteness margin scaled "
+        "by its pair's difficulty)",
+    )
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints")
@@ -792,6 +805,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         margin_batch=args.cement_margin_batch,
         margin_gate=args.cement_margin_gate,
         hard_weight=args.cement_hard_weight,
+        hard_margin_difficulty=args.cement_hard_margin_difficulty,
         threads=args.threads,
         quick=args.quick,
         keep_going=args.keep_going,
@@ -824,7 +838,13 @@ def check_settings(settings: Settings) -> None:
 def run_experiment(settings: Settings) -> dict[str, Any]:
     """Data, planting, every (config, seed) run, aggregation and the three output files."""
     settings.out.mkdir(parents=True, exist_ok=True)
-    configs = build_configs(settings.margin_hard, settings.margin_batch, settings.margin_gate, settings.hard_weight)
+    configs = build_configs(
+        settings.margin_hard,
+        settings.margin_batch,
+        settings.margin_gate,
+        settings.hard_weight,
+        settings.hard_margin_difficulty,
+    )
     started, cpu_started = time.perf_counter(), _own_cpu_seconds() + _children_cpu_seconds()
     data = make_data(settings)
     print(f"data: train {data['train']}, test {data['test']} ({data['seconds']} s)", flush=True)

@@ -19,7 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from slipform_plugin.kernels import cement_loss_unchecked, validate_inputs
-from slipform_plugin.losses.reference import cement_loss_reference, hard_negative_accuracy, hard_negative_wins
+from slipform_plugin.losses.reference import (
+    cement_loss_reference,
+    hard_negative_accuracy,
+    hard_negative_wins,
+    hard_pair_difficulty,
+)
 
 __all__ = [
     "MARGIN_GATES",
@@ -91,6 +96,10 @@ class CementLoss(nn.Module):
             ``k_i >= 1`` real negatives (0 at chance, 1 when every caption beats all of its negatives), summed
             over ranks, updated in training mode only. Batches without real negatives leave ``g`` unchanged.
         gate_momentum: EMA momentum of the gate (default 0.9).
+        hard_margin_difficulty: scale each hard negative's concreteness margin by how hard its pair is,
+            ``sigmoid((x_i.h_ik - x_i.y_i + difficulty_offset) / difficulty_temperature)`` (detached): the margin
+            stays on the negatives the model cannot yet tell from the caption and fades from those it has
+            separated. False (the default) keeps the constant margin ``s * mu_h * score``.
 
     ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
     hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
@@ -118,6 +127,7 @@ class CementLoss(nn.Module):
         check_finite: bool = True,
         margin_gate: str = "none",
         gate_momentum: float = 0.9,
+        hard_margin_difficulty: bool = False,
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -156,6 +166,7 @@ class CementLoss(nn.Module):
         self.hard_negative_meter = HardNegativeMeter()
         self.margin_gate = margin_gate
         self.gate_momentum = float(gate_momentum)
+        self.hard_margin_difficulty = bool(hard_margin_difficulty)
         self.gate_state = 0.0  # EMA of the excess hard-negative accuracy (used when margin_gate="hn-accuracy")
 
     @property
@@ -185,7 +196,8 @@ class CementLoss(nn.Module):
             f"difficulty_offset={self.difficulty_offset}, difficulty_temperature={self.difficulty_temperature}, "
             f"hard_weight={self.hard_weight}, "
             f"impl={self.impl!r}, local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
-            f"world_size={self.world_size}, margin_gate={self.margin_gate!r}"
+            f"world_size={self.world_size}, margin_gate={self.margin_gate!r}, "
+            f"hard_margin_difficulty={self.hard_margin_difficulty}"
         )
 
     def forward(
@@ -264,6 +276,13 @@ class CementLoss(nn.Module):
         else:
             all_image, all_text, local_size = image_features, text_features, batch
 
+        margin_hard = self.margin_hard * self.gate
+        if self.hard_margin_difficulty and hn_text_features is not None and margin_hard != 0.0:
+            rows = slice(local_start, local_start + local_size)
+            positive = (all_image[rows].float() * all_text[rows].float()).sum(-1, keepdim=True)  # [B, 1]
+            hard = torch.einsum("bd,bkd->bk", all_image[rows].float(), hn_text_features.float())  # [B, K]
+            difficulty = hard_pair_difficulty(hard, positive, self.difficulty_offset, self.difficulty_temperature)
+            hn_scores = hn_scores.float() * difficulty
         loss = cement_loss_unchecked(
             all_image,
             all_text,
@@ -271,7 +290,7 @@ class CementLoss(nn.Module):
             hn_text_features,
             hn_scores,
             hn_mask,
-            margin_hard=self.margin_hard * self.gate,
+            margin_hard=margin_hard,
             margin_batch=self.margin_batch * self.gate,
             difficulty_offset=self.difficulty_offset,
             difficulty_temperature=self.difficulty_temperature,
@@ -361,6 +380,7 @@ def create_cement_loss(args: Any) -> CementLoss:
         ),
         hard_weight=getattr(args, "cement_hard_weight", CEMENT_DEFAULTS["hard_weight"]),
         margin_gate=getattr(args, "cement_margin_gate", "none"),
+        hard_margin_difficulty=getattr(args, "cement_hard_margin_difficulty", False),
     )
 
 

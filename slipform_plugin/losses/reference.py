@@ -9,7 +9,8 @@ Definition (README, section "The Cement loss"). For L2-normalised image features
 
     row i (image -> text), over the M captions and image i's own K hard negatives:
         z_ij  = s * x_i.y_j + b + [j != i] * s * mu_b * sigmoid((x_i.y_j - x_i.y_i + delta) / gamma)
-        z_ik' = s * x_i.h_ik + b + s * mu_h * c_ik                (-inf where v_ik is False)
+        z_ik' = s * x_i.h_ik + b + s * mu_h * c_ik * [d_ik]       (-inf where v_ik is False)
+        with hard_margin_difficulty, d_ik = sigmoid((x_i.h_ik - x_i.y_i + delta) / gamma), else 1
         L_i^row = logsumexp_j,k(z) - z_ii
     column j (text -> image), over the M images, no hard negatives:
         w_ij  = s * x_i.y_j + b + [i != j] * s * mu_b * sigmoid((x_i.y_j - x_j.y_j + delta) / gamma)
@@ -55,6 +56,25 @@ def difficulty_margin(
         return scale.detach().float() * margin_batch * torch.sigmoid(gap)
 
 
+def hard_pair_difficulty(
+    hard_similarity: Tensor, positive_similarity: Tensor, offset: float, temperature: float
+) -> Tensor:
+    """Difficulty of each (image, hard negative) pair, ``sigmoid((x_i.h_ik - x_i.y_i + delta) / gamma)``, detached.
+
+    With ``hard_margin_difficulty`` Cement multiplies each concreteness margin by it: a hard negative the model
+    already places well below the caption keeps almost no margin, one it cannot yet tell apart keeps about
+    half, one it prefers to the caption keeps all of it.
+
+    Args:
+        hard_similarity: ``[B, K]`` cosine similarities of each image to its own hard negatives.
+        positive_similarity: ``[B, 1]`` each image's similarity to its own caption.
+    Returns:
+        ``[B, K]`` fp32 weights in (0, 1), without gradient.
+    """
+    with torch.no_grad():
+        return torch.sigmoid((hard_similarity.float() - positive_similarity.float() + offset) / temperature)
+
+
 def cement_loss_reference(
     image_features: Tensor,
     text_features: Tensor,
@@ -68,6 +88,7 @@ def cement_loss_reference(
     difficulty_offset: float = 0.0,
     difficulty_temperature: float = 0.05,
     hard_weight: float = 0.0,
+    hard_margin_difficulty: bool = False,
     logit_bias: Tensor | float | None = None,
     local_start: int = 0,
     local_size: int | None = None,
@@ -86,6 +107,8 @@ def cement_loss_reference(
         difficulty_offset: ``delta`` of the difficulty sigmoid.
         difficulty_temperature: ``gamma`` (> 0) of the difficulty sigmoid.
         hard_weight: ``lambda``, the weight of the hard-negative term ``H_i``.
+        hard_margin_difficulty: multiply each concreteness margin by its pair's difficulty
+            (:func:`hard_pair_difficulty`, with ``delta`` and ``gamma``).
         logit_bias: optional scalar added to every logit (SigLIP-style models).
         local_start: index of the first local row/column inside the ``M`` gathered ones.
         local_size: number ``B`` of local rows/columns (default: all ``M - local_start``).
@@ -117,7 +140,12 @@ def cement_loss_reference(
         hard_similarity = torch.einsum("bd,bkd->bk", image[rows], hard)  # [B, K]
         hard_logits = scale * hard_similarity + bias
         if hn_scores is not None and margin_hard != 0.0:
-            hard_logits = hard_logits + scale.detach() * margin_hard * hn_scores.float()
+            scores = hn_scores.float()
+            if hard_margin_difficulty:
+                scores = scores * hard_pair_difficulty(
+                    hard_similarity, row_positive, difficulty_offset, difficulty_temperature
+                )
+            hard_logits = hard_logits + scale.detach() * margin_hard * scores
         if hn_mask is not None:
             hard_logits = hard_logits.masked_fill(~hn_mask.bool(), float("-inf"))
         row_logits = torch.cat([row_logits, hard_logits], dim=1)
