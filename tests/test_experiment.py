@@ -172,33 +172,46 @@ def test_configs_differ_only_where_they_should():
     assert (configs["c"].negatives, configs["d"].negatives) == ("concreteplant", "concreteplant-uniform")
     assert "--cement-margin-batch" in configs["e1"].flags and configs["e1"].flags[-1] == "0"
     assert configs["e2"].flags[configs["e2"].flags.index("--cement-margin-hard") + 1] == "0"
-    # Every Cement configuration runs with the margin gate unless the experiment asks for none.
+    # Every Cement configuration runs ungated, with the pair difficulty and lambda 0.5 unless the experiment says
+    # otherwise; a and b never get a Cement flag.
+    cement_flags = ("--cement-margin-gate", "--cement-hard-weight", "--cement-hard-margin-difficulty")
     for name in ("c", "d", "e1", "e2", "o"):
         flags = configs[name].flags
-        assert flags[flags.index("--cement-margin-gate") + 1] == "hn-accuracy", name
-    assert all("--cement-margin-gate" not in configs[name].flags for name in ("a", "b"))
-    ungated = build_configs(0.1, 0.05, "none")["c"].flags
-    assert ungated[ungated.index("--cement-margin-gate") + 1] == "none"
-    # lambda reaches every Cement configuration (and only those); 0 leaves the flags as they were.
-    assert all("--cement-hard-weight" not in flags.flags for flags in configs.values())
+        assert flags[flags.index("--cement-margin-gate") + 1] == "none", name
+        assert flags[flags.index("--cement-hard-weight") + 1] == "0.5", name
+        assert "--cement-hard-margin-difficulty" in flags, name
+    assert all(flag not in configs[name].flags for name in ("a", "b") for flag in cement_flags)
+    gated = build_configs(0.1, 0.05, "hn-accuracy")["c"].flags
+    assert gated[gated.index("--cement-margin-gate") + 1] == "hn-accuracy"
+    # lambda = 0 and the constant margin leave their flags out.
+    plain = build_configs(0.1, 0.05, "none", 0.0, hard_margin_difficulty=False)
+    for name in ("c", "d", "e1", "e2", "o"):
+        assert "--cement-hard-weight" not in plain[name].flags, name
+        assert "--cement-hard-margin-difficulty" not in plain[name].flags, name
     weighted = build_configs(0.1, 0.05, "hn-accuracy", 1.5)
     for name in ("c", "d", "e1", "e2", "o"):
         flags = weighted[name].flags
         assert flags[flags.index("--cement-hard-weight") + 1] == "1.5", name
-    assert all("--cement-hard-weight" not in weighted[name].flags for name in ("a", "b"))
-    # The per-pair difficulty of the concreteness margin likewise.
-    assert all("--cement-hard-margin-difficulty" not in flags.flags for flags in configs.values())
-    scaled = build_configs(0.1, 0.05, "none", 0.0, hard_margin_difficulty=True)
-    for name in ("c", "d", "e1", "e2", "o"):
-        assert "--cement-hard-margin-difficulty" in scaled[name].flags, name
-    assert all("--cement-hard-margin-difficulty" not in scaled[name].flags for name in ("a", "b"))
+
+
+def test_cement_settings_reach_settings_with_their_defaults():
+    from slipform_plugin.evaluation.experiment import build_parser, settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args([]))
+    assert (settings.world, settings.margin_gate, settings.hard_margin_difficulty) == ("pair-relations", "none", True)
+    assert (settings.margin_hard, settings.margin_batch, settings.hard_weight) == (0.2, 0.1, 0.5)
+    off = settings_from_args(build_parser().parse_args(["--no-cement-hard-margin-difficulty", "--world", "default"]))
+    assert (off.hard_margin_difficulty, off.world) == (False, "default")
 
 
 def test_margin_gate_flag_reaches_settings_and_is_checked(capsys):
     from slipform_plugin.evaluation.experiment import build_parser, settings_from_args
 
-    assert settings_from_args(build_parser().parse_args([])).margin_gate == "hn-accuracy"
-    assert settings_from_args(build_parser().parse_args(["--cement-margin-gate", "none"])).margin_gate == "none"
+    assert settings_from_args(build_parser().parse_args([])).margin_gate == "none"
+    assert (
+        settings_from_args(build_parser().parse_args(["--cement-margin-gate", "hn-accuracy"])).margin_gate
+        == "hn-accuracy"
+    )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--cement-margin-gate", "always"])
     assert "--cement-margin-gate" in capsys.readouterr().err
@@ -207,7 +220,7 @@ def test_margin_gate_flag_reaches_settings_and_is_checked(capsys):
 def test_hard_weight_flag_reaches_settings_and_is_checked():
     from slipform_plugin.evaluation.experiment import build_parser, check_settings, settings_from_args
 
-    assert settings_from_args(build_parser().parse_args([])).hard_weight == 0.0
+    assert settings_from_args(build_parser().parse_args([])).hard_weight == 0.5
     assert settings_from_args(build_parser().parse_args(["--cement-hard-weight", "2"])).hard_weight == 2.0
     with pytest.raises(ValueError, match=re.escape("--cement-hard-weight must be a finite number >= 0, got -1.0")):
         check_settings(settings_from_args(build_parser().parse_args(["--cement-hard-weight", "-1"])))

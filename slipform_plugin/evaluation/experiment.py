@@ -9,14 +9,16 @@ name  training flags                                               what it shows
 ====  ==========================================================  =========================================
 a     ``--loss clip``                                              OpenCLIP's baseline
 b     ``--loss infonce --hn concreteplant``                        the NegCLIP recipe (margins at zero)
-c     ``--loss cement --hn concreteplant``                         Slipform (with the margin gate)
+c     ``--loss cement --hn concreteplant``                         Slipform (session 9's settings)
 d     ``--loss cement --hn concreteplant-uniform``                 concreteness ablation (uniform draw)
 e1    c with ``--cement-margin-batch 0``                           concreteness margin only
 e2    c with ``--cement-margin-hard 0``                            difficulty margin only
 ====  ==========================================================  =========================================
 
-Every Cement configuration (c, d, e1, e2, o) passes ``--cement-margin-gate hn-accuracy`` unless the experiment's
-``--cement-margin-gate none`` asks for the margins at full strength from the first step (the first version).
+Every Cement configuration (c, d, e1, e2, o) runs with the same Cement settings (``MARGIN_GATE``,
+``HARD_MARGIN_DIFFICULTY``, ``MARGIN_HARD``, ``MARGIN_BATCH``, ``HARD_WEIGHT`` below, each overridable by the
+experiment's flags): ungated margins, each concreteness margin scaled by its pair's difficulty, and the
+hard-negative term at lambda 0.5. The world is ``pair-relations`` unless ``--world`` says otherwise.
 
 Hard negatives are planted once, offline (``slipform plant``'s writer; negatives seeded by sample key and
 ``--hn-seed``), so all negative-using configurations of a seed train on exactly the same negatives, and the
@@ -62,8 +64,16 @@ logger = logging.getLogger("slipform")
 #: transformer (context 32), 8M parameters in all. The ViT ``slipform-micro`` (16 tokens of 16 px) was the first
 #: default; it does not learn shape or relative position at this budget (README, Evidence).
 MODEL = "slipform-micro-cnn"
-#: the --cement-margin-gate of every Cement configuration unless the experiment's --cement-margin-gate says otherwise
-MARGIN_GATE = "hn-accuracy"
+#: the synthetic world of the experiment: two objects, four relations (README, Evidence: the calibration ladder)
+WORLD = "pair-relations"
+#: Cement's settings in every Cement configuration unless the experiment's flags say otherwise (README, Evidence:
+#: session 9's variants): margins at full strength from the first step (no gate), each concreteness margin scaled
+#: by its pair's difficulty, mu_h 0.2, mu_b 0.1 and the hard-negative term at lambda 0.5
+MARGIN_GATE = "none"
+HARD_MARGIN_DIFFICULTY = True
+MARGIN_HARD = 0.2
+MARGIN_BATCH = 0.1
+HARD_WEIGHT = 0.5
 ALL_CONFIGS: tuple[str, ...] = ("a", "b", "c", "d", "e1", "e2")
 #: configurations run only when named in --configs
 EXTRA_CONFIGS: tuple[str, ...] = ("o",)
@@ -163,18 +173,18 @@ class Settings:
     keep_going: bool
     keep_checkpoints: bool
     extra_train_args: list[str] = field(default_factory=list)
-    world: str = "default"
-    hard_weight: float = 0.0
+    world: str = WORLD
+    hard_weight: float = HARD_WEIGHT
     single_group_fraction: float = 0.0
-    hard_margin_difficulty: bool = False
+    hard_margin_difficulty: bool = HARD_MARGIN_DIFFICULTY
 
 
 def build_configs(
     margin_hard: float,
     margin_batch: float,
     margin_gate: str = MARGIN_GATE,
-    hard_weight: float = 0.0,
-    hard_margin_difficulty: bool = False,
+    hard_weight: float = HARD_WEIGHT,
+    hard_margin_difficulty: bool = HARD_MARGIN_DIFFICULTY,
 ) -> dict[str, Config]:
     """The configurations; ``margin_*`` are Cement's mu_h and mu_b for c, d and e (the ones left on),
     ``margin_gate`` its ``--cement-margin-gate``, ``hard_weight`` its ``--cement-hard-weight`` and
@@ -723,8 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--world",
         choices=tuple(WORLDS),
-        default="default",
-        help="synthetic world of train and test data (default: the benchmark; simple, pair, pair-relations: the "
+        default=WORLD,
+        help=f"synthetic world of train and test data (default {WORLD}: two objects, four relations; default: the "
+        "benchmark of make-shards, with sizes, materials, textures, counts and distractors; simple, pair: "
         "calibration worlds, see make-shards --help)",
     )
     p.add_argument(
@@ -747,22 +758,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="let ConcretePlant draw replacement words from its open vocabulary "
         "(default: only words of the training captions, as --hn-vocab does)",
     )
-    p.add_argument("--cement-margin-hard", type=float, default=0.1, help="mu_h of c, d, e1 (default 0.1)")
-    p.add_argument("--cement-margin-batch", type=float, default=0.05, help="mu_b of c, d, e2 (default 0.05)")
+    p.add_argument(
+        "--cement-margin-hard", type=float, default=MARGIN_HARD, help=f"mu_h of c, d, e1 (default {MARGIN_HARD:g})"
+    )
+    p.add_argument(
+        "--cement-margin-batch", type=float, default=MARGIN_BATCH, help=f"mu_b of c, d, e2 (default {MARGIN_BATCH:g})"
+    )
     p.add_argument(
         "--cement-margin-gate",
         choices=MARGIN_GATES,
         default=MARGIN_GATE,
-        help=f"--cement-margin-gate of every Cement configuration (default {MARGIN_GATE}; none: the first version)",
+        help=f"--cement-margin-gate of every Cement configuration (default {MARGIN_GATE}; hn-accuracy: the "
+        "gate of sessions 4 to 8)",
     )
     p.add_argument(
-        "--cement-hard-weight", type=float, default=0.0, help="lambda of every Cement configuration (default 0)"
+        "--cement-hard-weight",
+        type=float,
+        default=HARD_WEIGHT,
+        help=f"lambda of every Cement configuration (default {HARD_WEIGHT:g})",
     )
     p.add_argument(
         "--cement-hard-margin-difficulty",
-        action="store_true",
-        help="--cement-hard-margin-difficulty for every Cement configuration (each concreteness margin scaled "
-        "by its pair's difficulty)",
+        action=argparse.BooleanOptionalAction,
+        default=HARD_MARGIN_DIFFICULTY,
+        help="--cement-hard-margin-difficulty for every Cement configuration: each concreteness margin scaled "
+        "by its pair's difficulty (default on; --no-cement-hard-margin-difficulty: the constant margin)",
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
