@@ -38,6 +38,7 @@ SETTINGS = {
     "difficulty_offset": 0.1,
     "difficulty_temperature": 0.2,
     "hard_weight": 0.5,
+    "hard_margin_difficulty": True,  # the per-pair scaling slices the gathered rows: tested across ranks
 }
 FORMS = {  # name -> (local_loss, gather_with_grad)
     "local-gather-grad": (True, True),
