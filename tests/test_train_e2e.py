@@ -18,12 +18,22 @@ def test_cement_concreteplant_two_processes_on_cpu(synthetic_shards, tmp_path):
     """The README's command on CPU: two torchrun workers, Cement + ConcretePlant, a checkpoint at the end."""
     data, num = synthetic_shards
     args = base_train_args(data, num, tmp_path, "cement-cp", **{"--report-to": "tensorboard"})
-    run = run_training([*args, "--loss", "cement", "--hn", "concreteplant", "--hn-num", "3"], nproc=2)
+    recommended = [
+        "--cement-hard-margin-difficulty",
+        "--cement-margin-hard",
+        "0.2",
+        "--cement-margin-batch",
+        "0.1",
+        "--cement-hard-weight",
+        "0.5",
+    ]
+    run = run_training([*args, "--loss", "cement", "--hn", "concreteplant", "--hn-num", "3", *recommended], nproc=2)
     _assert_ok(run)
     log = run.out_log
     # Both processes ran (OpenCLIP logs the world size) and the plugin was active (not the abbreviation trap).
     assert "total 2" in log or "world size 2" in log.lower() or "Running in distributed mode" in log
     assert "Slipform: loss=cement (CementLoss(" in log
+    assert "margin_hard=0.2, margin_batch=0.1" in log and "hard_margin_difficulty=True" in log
     assert "Slipform: hard negatives from 'concreteplant', K=3" in log
     # Negatives reached the loss with the expected shape: [batch, K, embed_dim] of slipform-tiny.
     shape = re.search(r"hn_text_features \[(\d+), (\d+), (\d+)\], real negatives (\d+)/(\d+)", log)
