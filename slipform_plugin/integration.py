@@ -165,6 +165,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "from the caption and fades from those it has separated.",
     )
     group.add_argument(
+        "--cement-hard-difficulty-offset",
+        type=float,
+        default=None,
+        help="delta_h of the pair sigmoid of --cement-hard-margin-difficulty, if not --cement-difficulty-offset "
+        "(default: the same): with delta_h > 0 a margin fades only once the caption leads by about delta_h.",
+    )
+    group.add_argument(
         "--seed-sample-shuffle",
         action="store_true",
         default=False,

@@ -365,12 +365,14 @@ def test_hard_weight_flag_reaches_the_loss_and_is_checked():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
-def test_hard_margin_difficulty_scales_each_concreteness_margin_by_its_pair(impl, hard_weight):
-    """z'_ik = s x_i.h_ik + s mu_h c_ik sigmoid((x_i.h_ik - x_i.y_i + delta) / gamma), the factor a constant."""
+@pytest.mark.parametrize(("hard_weight", "hard_offset"), [(0.0, None), (0.5, None), (0.5, 0.15)])
+def test_hard_margin_difficulty_scales_each_concreteness_margin_by_its_pair(impl, hard_weight, hard_offset):
+    """z'_ik = s x_i.h_ik + s mu_h c_ik sigmoid((x_i.h_ik - x_i.y_i + delta_h) / gamma), the factor a constant;
+    delta_h is delta unless given."""
     image, text, hard, scores, mask = features(9, 12, negatives=3, seed=7)
     scale = torch.tensor(15.0, requires_grad=True)
     mu, delta, gamma = 0.3, 0.02, 0.07
+    delta_h = delta if hard_offset is None else hard_offset
     loss = CementLoss(
         margin_hard=mu,
         margin_batch=0.0,
@@ -378,12 +380,13 @@ def test_hard_margin_difficulty_scales_each_concreteness_margin_by_its_pair(impl
         difficulty_temperature=gamma,
         hard_weight=hard_weight,
         hard_margin_difficulty=True,
+        hard_difficulty_offset=hard_offset,
         impl=impl,
     )(image, text, scale, None, hard, scores, mask)
     with torch.no_grad():
         hard_similarity = torch.einsum("bd,bkd->bk", image, hard)
         positive = (image * text).sum(-1, keepdim=True)
-        margin = 15.0 * mu * scores * torch.sigmoid((hard_similarity - positive + delta) / gamma)
+        margin = 15.0 * mu * scores * torch.sigmoid((hard_similarity - positive + delta_h) / gamma)
     hard_logits = (scale * torch.einsum("bd,bkd->bk", image, hard) + margin).masked_fill(~mask, -torch.inf)
     labels = torch.arange(9)
     own_logits = torch.cat([scale * (image * text).sum(-1, keepdim=True), hard_logits], 1)
@@ -408,6 +411,7 @@ def test_hard_margin_difficulty_scales_each_concreteness_margin_by_its_pair(impl
         difficulty_temperature=gamma,
         hard_weight=hard_weight,
         hard_margin_difficulty=True,
+        hard_difficulty_offset=hard_offset,
     )
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
 
@@ -441,3 +445,9 @@ def test_hard_margin_difficulty_flag_reaches_the_loss():
     add_arguments(parser)
     assert create_cement_loss(parser.parse_args(["--cement-hard-margin-difficulty"])).hard_margin_difficulty
     assert not create_cement_loss(parser.parse_args([])).hard_margin_difficulty
+    # delta_h follows delta unless given.
+    assert create_cement_loss(parser.parse_args(["--cement-difficulty-offset", "0.05"])).hard_difficulty_offset == 0.05
+    offset = ["--cement-difficulty-offset", "0.05", "--cement-hard-difficulty-offset", "0.2"]
+    assert create_cement_loss(parser.parse_args(offset)).hard_difficulty_offset == 0.2
+    with pytest.raises(ValueError, match=re.escape("hard_difficulty_offset must be a finite number or None, got nan")):
+        CementLoss(hard_difficulty_offset=float("nan"))

@@ -100,6 +100,9 @@ class CementLoss(nn.Module):
             ``sigmoid((x_i.h_ik - x_i.y_i + difficulty_offset) / difficulty_temperature)`` (detached): the margin
             stays on the negatives the model cannot yet tell from the caption and fades from those it has
             separated. False (the default) keeps the constant margin ``s * mu_h * score``.
+        hard_difficulty_offset: the ``delta`` of that pair sigmoid, if it should differ from
+            ``difficulty_offset`` (None: the same). With ``delta_h > 0`` a tie keeps more than half of the margin and
+            the margin fades only once the caption leads by about ``delta_h``.
 
     ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
     hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
@@ -128,6 +131,7 @@ class CementLoss(nn.Module):
         margin_gate: str = "none",
         gate_momentum: float = 0.9,
         hard_margin_difficulty: bool = False,
+        hard_difficulty_offset: float | None = None,
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -167,6 +171,13 @@ class CementLoss(nn.Module):
         self.margin_gate = margin_gate
         self.gate_momentum = float(gate_momentum)
         self.hard_margin_difficulty = bool(hard_margin_difficulty)
+        if hard_difficulty_offset is not None and not math.isfinite(float(hard_difficulty_offset)):
+            raise ValueError(
+                f"CementLoss: hard_difficulty_offset must be a finite number or None, got {hard_difficulty_offset!r}"
+            )
+        self.hard_difficulty_offset = (
+            float(difficulty_offset) if hard_difficulty_offset is None else float(hard_difficulty_offset)
+        )
         self.gate_state = 0.0  # EMA of the excess hard-negative accuracy (used when margin_gate="hn-accuracy")
 
     @property
@@ -197,7 +208,8 @@ class CementLoss(nn.Module):
             f"hard_weight={self.hard_weight}, "
             f"impl={self.impl!r}, local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
             f"world_size={self.world_size}, margin_gate={self.margin_gate!r}, "
-            f"hard_margin_difficulty={self.hard_margin_difficulty}"
+            f"hard_margin_difficulty={self.hard_margin_difficulty}, "
+            f"hard_difficulty_offset={self.hard_difficulty_offset}"
         )
 
     def forward(
@@ -281,7 +293,7 @@ class CementLoss(nn.Module):
             rows = slice(local_start, local_start + local_size)
             positive = (all_image[rows].float() * all_text[rows].float()).sum(-1, keepdim=True)  # [B, 1]
             hard = torch.einsum("bd,bkd->bk", all_image[rows].float(), hn_text_features.float())  # [B, K]
-            difficulty = hard_pair_difficulty(hard, positive, self.difficulty_offset, self.difficulty_temperature)
+            difficulty = hard_pair_difficulty(hard, positive, self.hard_difficulty_offset, self.difficulty_temperature)
             hn_scores = hn_scores.float() * difficulty
         loss = cement_loss_unchecked(
             all_image,
@@ -381,6 +393,7 @@ def create_cement_loss(args: Any) -> CementLoss:
         hard_weight=getattr(args, "cement_hard_weight", CEMENT_DEFAULTS["hard_weight"]),
         margin_gate=getattr(args, "cement_margin_gate", "none"),
         hard_margin_difficulty=getattr(args, "cement_hard_margin_difficulty", False),
+        hard_difficulty_offset=getattr(args, "cement_hard_difficulty_offset", None),
     )
 
 

@@ -89,6 +89,7 @@ def cement_loss_reference(
     difficulty_temperature: float = 0.05,
     hard_weight: float = 0.0,
     hard_margin_difficulty: bool = False,
+    hard_difficulty_offset: float | None = None,
     logit_bias: Tensor | float | None = None,
     local_start: int = 0,
     local_size: int | None = None,
@@ -109,6 +110,7 @@ def cement_loss_reference(
         hard_weight: ``lambda``, the weight of the hard-negative term ``H_i``.
         hard_margin_difficulty: multiply each concreteness margin by its pair's difficulty
             (:func:`hard_pair_difficulty`, with ``delta`` and ``gamma``).
+        hard_difficulty_offset: ``delta_h``, that sigmoid's offset if not ``delta`` (None: ``delta``).
         logit_bias: optional scalar added to every logit (SigLIP-style models).
         local_start: index of the first local row/column inside the ``M`` gathered ones.
         local_size: number ``B`` of local rows/columns (default: all ``M - local_start``).
@@ -142,8 +144,9 @@ def cement_loss_reference(
         if hn_scores is not None and margin_hard != 0.0:
             scores = hn_scores.float()
             if hard_margin_difficulty:
+                hard_offset = difficulty_offset if hard_difficulty_offset is None else hard_difficulty_offset
                 scores = scores * hard_pair_difficulty(
-                    hard_similarity, row_positive, difficulty_offset, difficulty_temperature
+                    hard_similarity, row_positive, hard_offset, difficulty_temperature
                 )
             hard_logits = hard_logits + scale.detach() * margin_hard * scores
         if hn_mask is not None:
