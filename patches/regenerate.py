@@ -106,7 +106,7 @@ EDITS: list[tuple[str, list[tuple[str, str]]]] = [
             (
                 "def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):\n",
                 "def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):\n"
-                "    # Slipform: logs the hard-negative accuracy of its losses (a no-op for OpenCLIP's own)\n"
+                "    # Slipform: logs its losses' hard-negative accuracy, sets their schedules' step (no-op for OpenCLIP's)\n"
                 "    from slipform_plugin.integration import wrap_train_one_epoch\n"
                 "    return wrap_train_one_epoch(_openclip_train_one_epoch)(\n"
                 "        model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer)\n\n\n"

@@ -172,6 +172,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the same): with delta_h > 0 a margin fades only once the caption leads by about delta_h.",
     )
     group.add_argument(
+        "--cement-hard-difficulty-warmup",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="Phase in --cement-hard-margin-difficulty over this many training steps: the concreteness margins "
+        "start constant and end scaled by their pairs' difficulty (default: %(default)s, scaled from the start).",
+    )
+    group.add_argument(
         "--seed-sample-shuffle",
         action="store_true",
         default=False,
@@ -240,6 +248,10 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--cement-hard-weight must be a finite number >= 0, got {args.cement_hard_weight}")
     if not args.cement_difficulty_temperature > 0:
         parser.error(f"--cement-difficulty-temperature must be > 0, got {args.cement_difficulty_temperature}")
+    if args.cement_hard_difficulty_warmup < 0:
+        parser.error(f"--cement-hard-difficulty-warmup must be >= 0 steps, got {args.cement_hard_difficulty_warmup}")
+    if args.cement_hard_difficulty_warmup and not args.cement_hard_margin_difficulty:
+        parser.error("--cement-hard-difficulty-warmup phases in --cement-hard-margin-difficulty; give that flag too")
     if args.hn_kinds:
         from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
 
@@ -492,6 +504,11 @@ def wrap_train_one_epoch(original):
         meter = getattr(loss, "hard_negative_meter", None)
         if meter is None:
             return original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer)
+        if hasattr(loss, "set_training_step"):
+            # OpenCLIP's own step count (train_one_epoch: step = num_batches_per_epoch * epoch + i), so that the
+            # loss's schedules continue where a resumed run left off.
+            accum_freq = max(1, int(getattr(args, "accum_freq", 1)))
+            loss.set_training_step(epoch * (data["train"].dataloader.num_batches // accum_freq), accum_freq)
         from open_clip_train.distributed import is_master
 
         handle = None

@@ -451,3 +451,87 @@ def test_hard_margin_difficulty_flag_reaches_the_loss():
     assert create_cement_loss(parser.parse_args(offset)).hard_difficulty_offset == 0.2
     with pytest.raises(ValueError, match=re.escape("hard_difficulty_offset must be a finite number or None, got nan")):
         CementLoss(hard_difficulty_offset=float("nan"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hard_difficulty_warmup_goes_from_the_constant_margin_to_the_scaled_one(impl):
+    """w_t = max(0, 1 - t/T): the pair factor is w_t + (1 - w_t) d_ik, t counted in training-mode calls."""
+    image, text, hard, scores, mask = features(7, 10, negatives=3, seed=3)
+    settings = dict(margin_hard=0.3, margin_batch=0.05, hard_weight=0.5, difficulty_temperature=0.07, impl=impl)
+    constant = CementLoss(**settings)(image, text, 12.0, None, hard, scores, mask)
+    scaled = CementLoss(**settings, hard_margin_difficulty=True)(image, text, 12.0, None, hard, scores, mask)
+    assert not torch.allclose(constant, scaled)  # the two ends of the schedule differ on these features
+    with torch.no_grad():
+        factor = torch.sigmoid((torch.einsum("bd,bkd->bk", image, hard) - (image * text).sum(-1, keepdim=True)) / 0.07)
+    warm = CementLoss(**settings, hard_margin_difficulty=True, hard_difficulty_warmup=4)
+    for step, weight in enumerate([1.0, 0.75, 0.5, 0.25, 0.0, 0.0]):
+        assert warm.training_step == step and warm.difficulty_warmup_weight == pytest.approx(weight)
+        loss = warm(image, text, 12.0, None, hard, scores, mask)
+        blended = scores * (weight + (1 - weight) * factor)
+        expected = CementLoss(**settings)(image, text, 12.0, None, hard, blended, mask)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        if step == 0:
+            torch.testing.assert_close(loss, constant, rtol=1e-5, atol=1e-6)
+            for g, e in zip(grads(loss, image, text, hard), grads(constant, image, text, hard)):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, scaled, rtol=1e-5, atol=1e-6)
+    # Eval-mode calls do not move the clock; set_training_step does, in optimizer steps of accum_freq calls.
+    warm.eval()
+    warm(image, text, 12.0, None, hard, scores, mask)
+    assert warm.training_step == 6
+    warm.train()
+    warm.set_training_step(1, calls_per_step=2)
+    assert warm.training_calls == 2 and warm.difficulty_warmup_weight == pytest.approx(0.75)
+    warm(image, text, 12.0, None, hard, scores, mask)
+    assert warm.training_step == 1  # one of the step's two calls
+    warm(image, text, 12.0, None, hard, scores, mask)
+    assert warm.training_step == 2
+
+
+def test_hard_difficulty_warmup_is_checked_and_reaches_the_loss():
+    import argparse
+
+    from slipform_plugin.integration import add_arguments, validate_args
+    from slipform_plugin.losses import create_cement_loss
+
+    with pytest.raises(ValueError, match=re.escape("hard_difficulty_warmup must be an integer >= 0 (training steps)")):
+        CementLoss(hard_margin_difficulty=True, hard_difficulty_warmup=-1)
+    with pytest.raises(ValueError, match="expected hard_margin_difficulty=True"):
+        CementLoss(hard_difficulty_warmup=10)
+    with pytest.raises(ValueError, match="expected step >= 0 and calls_per_step >= 1"):
+        CementLoss().set_training_step(0, calls_per_step=0)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--cement-hard-margin-difficulty", "--cement-hard-difficulty-warmup", "64"]
+    assert create_cement_loss(parser.parse_args(flags)).hard_difficulty_warmup == 64
+    assert create_cement_loss(parser.parse_args([])).hard_difficulty_warmup == 0
+
+    errors = []
+
+    class Recorder(argparse.ArgumentParser):
+        def error(self, message):
+            errors.append(message)
+            raise SystemExit(2)
+
+    recorder = Recorder()
+    add_arguments(recorder)
+    for bad in (["--cement-hard-difficulty-warmup", "8"], [*flags[:1], "--cement-hard-difficulty-warmup", "-2"]):
+        with pytest.raises(SystemExit):
+            validate_args(recorder, recorder.parse_args(["--loss", "cement", *bad]))
+    validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags]))  # accepted
+    assert "give that flag too" in errors[0] and "must be >= 0 steps, got -2" in errors[1]
+
+
+def test_train_one_epoch_sets_the_loss_schedule_to_openclips_step():
+    """A resumed run continues the warm-up: epoch e starts at step e * (num_batches // accum_freq)."""
+    from types import SimpleNamespace
+
+    from slipform_plugin.integration import wrap_train_one_epoch
+
+    seen = []
+    wrapped = wrap_train_one_epoch(lambda model, data, loss, *_: seen.append((loss.training_step, loss.calls_per_step)))
+    loss = CementLoss(hard_margin_difficulty=True, hard_difficulty_warmup=100)
+    data = {"train": SimpleNamespace(dataloader=SimpleNamespace(num_batches=30))}
+    args = SimpleNamespace(accum_freq=2, rank=0, local_rank=0, world_size=1, distributed=False)
+    wrapped(None, data, loss, 3, None, None, None, None, args)
+    assert seen == [(45, 2)] and loss.difficulty_warmup_weight == pytest.approx(0.55)

@@ -103,6 +103,12 @@ class CementLoss(nn.Module):
         hard_difficulty_offset: the ``delta`` of that pair sigmoid, if it should differ from
             ``difficulty_offset`` (None: the same). With ``delta_h > 0`` a tie keeps more than half of the margin and
             the margin fades only once the caption leads by about ``delta_h``.
+        hard_difficulty_warmup: ``T`` (>= 0 training steps) over which that pair scaling is phased in: at step
+            ``t`` each pair's factor is ``w_t + (1 - w_t) * d_ik`` with ``w_t = max(0, 1 - t / T)``, so training
+            starts with the constant margin (full pressure on the pairs the model cannot yet tell apart) and
+            ends with the difficulty-scaled one. 0 (the default) scales from the first step. The step is counted
+            by training-mode calls (``calls_per_step`` of them per step); OpenCLIP's ``train_one_epoch`` sets it
+            at each epoch start through :meth:`set_training_step`, so a resumed run continues the schedule.
 
     ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
     hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
@@ -132,6 +138,7 @@ class CementLoss(nn.Module):
         gate_momentum: float = 0.9,
         hard_margin_difficulty: bool = False,
         hard_difficulty_offset: float | None = None,
+        hard_difficulty_warmup: int = 0,
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -178,12 +185,50 @@ class CementLoss(nn.Module):
         self.hard_difficulty_offset = (
             float(difficulty_offset) if hard_difficulty_offset is None else float(hard_difficulty_offset)
         )
+        if isinstance(hard_difficulty_warmup, bool) or not (
+            isinstance(hard_difficulty_warmup, int) and hard_difficulty_warmup >= 0
+        ):
+            raise ValueError(
+                f"CementLoss: hard_difficulty_warmup must be an integer >= 0 (training steps), "
+                f"got {hard_difficulty_warmup!r}"
+            )
+        if hard_difficulty_warmup and not self.hard_margin_difficulty:
+            raise ValueError(
+                "CementLoss: hard_difficulty_warmup phases in hard_margin_difficulty, "
+                f"expected hard_margin_difficulty=True (got warmup {hard_difficulty_warmup} without it)"
+            )
+        self.hard_difficulty_warmup = hard_difficulty_warmup
+        self.calls_per_step = 1
+        self.training_calls = 0  # training-mode forward calls so far (the warm-up's clock)
         self.gate_state = 0.0  # EMA of the excess hard-negative accuracy (used when margin_gate="hn-accuracy")
 
     @property
     def gate(self) -> float:
         """The factor in [0, 1] applied to both margins at the next call (1 when ``margin_gate="none"``)."""
         return 1.0 if self.margin_gate == "none" else min(1.0, max(0.0, self.gate_state))
+
+    @property
+    def training_step(self) -> int:
+        """Training steps seen so far: training-mode calls divided by :attr:`calls_per_step`."""
+        return self.training_calls // self.calls_per_step
+
+    def set_training_step(self, step: int, calls_per_step: int = 1) -> None:
+        """Set the schedule's clock to optimizer step ``step``, with ``calls_per_step`` loss calls per step
+        (OpenCLIP's ``--accum-freq``); called at each epoch start so that a resumed run continues the warm-up."""
+        if step < 0 or calls_per_step < 1:
+            raise ValueError(
+                f"CementLoss.set_training_step: expected step >= 0 and calls_per_step >= 1, "
+                f"got step={step}, calls_per_step={calls_per_step}"
+            )
+        self.calls_per_step = int(calls_per_step)
+        self.training_calls = int(step) * self.calls_per_step
+
+    @property
+    def difficulty_warmup_weight(self) -> float:
+        """``w_t`` in [0, 1]: the share of the constant margin in each pair's factor at the next call."""
+        if self.hard_difficulty_warmup == 0:
+            return 0.0
+        return max(0.0, 1.0 - self.training_step / self.hard_difficulty_warmup)
 
     def _update_gate(self, wins: Tensor, has_negative: Tensor, hn_mask: Tensor | None, num_hard: int) -> None:
         """Fold this batch's excess hard-negative accuracy (summed over ranks) into the gate's EMA."""
@@ -209,7 +254,8 @@ class CementLoss(nn.Module):
             f"impl={self.impl!r}, local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
             f"world_size={self.world_size}, margin_gate={self.margin_gate!r}, "
             f"hard_margin_difficulty={self.hard_margin_difficulty}, "
-            f"hard_difficulty_offset={self.hard_difficulty_offset}"
+            f"hard_difficulty_offset={self.hard_difficulty_offset}, "
+            f"hard_difficulty_warmup={self.hard_difficulty_warmup}"
         )
 
     def forward(
@@ -294,6 +340,9 @@ class CementLoss(nn.Module):
             positive = (all_image[rows].float() * all_text[rows].float()).sum(-1, keepdim=True)  # [B, 1]
             hard = torch.einsum("bd,bkd->bk", all_image[rows].float(), hn_text_features.float())  # [B, K]
             difficulty = hard_pair_difficulty(hard, positive, self.hard_difficulty_offset, self.difficulty_temperature)
+            warmup = self.difficulty_warmup_weight
+            if warmup > 0.0:
+                difficulty = warmup + (1.0 - warmup) * difficulty
             hn_scores = hn_scores.float() * difficulty
         loss = cement_loss_unchecked(
             all_image,
@@ -312,6 +361,8 @@ class CementLoss(nn.Module):
             impl=self.impl,
             hard_weight=self.hard_weight,
         )
+        if self.training:
+            self.training_calls += 1
         if image_features.dtype in (torch.float16, torch.bfloat16):
             loss = loss.to(image_features.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
@@ -394,6 +445,7 @@ def create_cement_loss(args: Any) -> CementLoss:
         margin_gate=getattr(args, "cement_margin_gate", "none"),
         hard_margin_difficulty=getattr(args, "cement_hard_margin_difficulty", False),
         hard_difficulty_offset=getattr(args, "cement_hard_difficulty_offset", None),
+        hard_difficulty_warmup=getattr(args, "cement_hard_difficulty_warmup", 0),
     )
 
 
