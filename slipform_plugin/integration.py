@@ -74,7 +74,7 @@ def unsupported_message(version: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add Slipform's flags to OpenCLIP's parser (a group of their own, listed in ``--help``)."""
-    from slipform_plugin.losses import CEMENT_DEFAULTS, LOSS_IMPLS, MARGIN_GATES
+    from slipform_plugin.losses import CEMENT_DEFAULTS, HARD_COLUMNS, LOSS_IMPLS, MARGIN_GATES
     from slipform_plugin.registry import hard_negative_names, loss_names
 
     group = parser.add_argument_group("Slipform (hard negatives and the Cement loss)")
@@ -180,6 +180,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "start constant and end scaled by their pairs' difficulty (default: %(default)s, scaled from the start).",
     )
     group.add_argument(
+        "--cement-hard-columns",
+        choices=HARD_COLUMNS,
+        default="joint",
+        help="joint: hard negatives are extra columns of their image's row beside the in-batch captions (and enter "
+        "the hard-negative term when --cement-hard-weight > 0); separate: they enter the hard-negative term only, so "
+        "the in-batch rows are CLIP's (needs --cement-hard-weight > 0) (default: %(default)s).",
+    )
+    group.add_argument(
         "--seed-sample-shuffle",
         action="store_true",
         default=False,
@@ -252,6 +260,11 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--cement-hard-difficulty-warmup must be >= 0 steps, got {args.cement_hard_difficulty_warmup}")
     if args.cement_hard_difficulty_warmup and not args.cement_hard_margin_difficulty:
         parser.error("--cement-hard-difficulty-warmup phases in --cement-hard-margin-difficulty; give that flag too")
+    if args.cement_hard_columns == "separate" and not args.cement_hard_weight > 0:
+        parser.error(
+            "--cement-hard-columns separate puts the hard negatives in the hard-negative term only; "
+            f"expected --cement-hard-weight > 0, got {args.cement_hard_weight}"
+        )
     if args.hn_kinds:
         from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
 

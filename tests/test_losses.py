@@ -535,3 +535,79 @@ def test_train_one_epoch_sets_the_loss_schedule_to_openclips_step():
     args = SimpleNamespace(accum_freq=2, rank=0, local_rank=0, world_size=1, distributed=False)
     wrapped(None, data, loss, 3, None, None, None, None, args)
     assert seen == [(45, 2)] and loss.difficulty_warmup_weight == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("difficulty", [False, True])
+def test_separate_hard_columns_leave_the_in_batch_rows_to_clip(impl, difficulty):
+    """hard_columns="separate": loss = (CLIP rows and columns + lambda sum_i H_i) / (2B); negatives in H_i only."""
+    image, text, hard, scores, mask = features(9, 12, negatives=3, seed=11)
+    mask[0] = False  # a row without real negatives contributes no H_i
+    scale = torch.tensor(15.0, requires_grad=True)
+    mu, lam = 0.3, 0.75
+    loss = CementLoss(
+        margin_hard=mu,
+        margin_batch=0.0,
+        hard_weight=lam,
+        hard_columns="separate",
+        hard_margin_difficulty=difficulty,
+        impl=impl,
+    )(image, text, scale, None, hard, scores, mask)
+    with torch.no_grad():
+        hard_similarity = torch.einsum("bd,bkd->bk", image, hard)
+        factor = torch.sigmoid((hard_similarity - (image * text).sum(-1, keepdim=True)) / 0.05) if difficulty else 1.0
+        margin = 15.0 * mu * scores * factor
+    hard_logits = (scale * torch.einsum("bd,bkd->bk", image, hard) + margin).masked_fill(~mask, -torch.inf)
+    own_logits = torch.cat([scale * (image * text).sum(-1, keepdim=True), hard_logits], 1)
+    own = F.cross_entropy(own_logits, torch.zeros(9, dtype=torch.long), reduction="none")
+    labels = torch.arange(9)
+    expected = (
+        F.cross_entropy(scale * image @ text.T, labels)
+        + F.cross_entropy(scale * text @ image.T, labels)
+        + lam * own[mask.any(1)].sum() / 9
+    ) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads(loss, image, text, hard, scale), grads(expected, image, text, hard, scale)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # With the difficulty margin on, the in-batch part is Cement without hard negatives.
+    settings = dict(margin_hard=mu, margin_batch=0.1, hard_weight=lam, hard_margin_difficulty=difficulty, impl=impl)
+    with_batch = CementLoss(**settings, hard_columns="separate")(image, text, scale, None, hard, scores, mask)
+    in_batch = CementLoss(**settings)(image, text, scale)
+    assert not torch.allclose(in_batch, loss - lam * own[mask.any(1)].sum() / 18)  # mu_b changes the in-batch part
+    torch.testing.assert_close(
+        with_batch - in_batch,
+        lam * own[mask.any(1)].sum() / 18,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_hard_columns_are_checked_and_reach_the_loss():
+    import argparse
+
+    from slipform_plugin.integration import add_arguments, validate_args
+    from slipform_plugin.losses import create_cement_loss
+
+    with pytest.raises(ValueError, match=re.escape("hard_columns must be one of ('joint', 'separate'), got 'own'")):
+        CementLoss(hard_columns="own")
+    with pytest.raises(ValueError, match=re.escape("expected hard_weight > 0 (got 0.0)")):
+        CementLoss(hard_columns="separate")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--cement-hard-columns", "separate", "--cement-hard-weight", "0.5"]
+    assert create_cement_loss(parser.parse_args(flags)).hard_columns == "separate"
+    assert create_cement_loss(parser.parse_args([])).hard_columns == "joint"
+
+    errors = []
+
+    class Recorder(argparse.ArgumentParser):
+        def error(self, message):
+            errors.append(message)
+            raise SystemExit(2)
+
+    recorder = Recorder()
+    add_arguments(recorder)
+    with pytest.raises(SystemExit):
+        validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags[:2]]))
+    assert "expected --cement-hard-weight > 0, got 0.0" in errors[0]
+    validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags]))  # accepted

@@ -22,11 +22,13 @@ from slipform_plugin.kernels import cement_loss_unchecked, validate_inputs
 from slipform_plugin.losses.reference import (
     cement_loss_reference,
     hard_negative_accuracy,
+    hard_negative_term,
     hard_negative_wins,
     hard_pair_difficulty,
 )
 
 __all__ = [
+    "HARD_COLUMNS",
     "MARGIN_GATES",
     "CementLoss",
     "InfoNCELoss",
@@ -66,6 +68,9 @@ def _gather(tensor: Tensor, with_grad: bool, replace_local: bool, rank: int, wor
         parts[rank] = tensor  # keep the gradient of this rank's own features
     return torch.cat(parts, dim=0)
 
+
+#: where the hard negatives enter the loss (see ``CementLoss``'s ``hard_columns``)
+HARD_COLUMNS: tuple[str, ...] = ("joint", "separate")
 
 #: how the margins are scaled over training (see ``CementLoss``'s ``margin_gate``)
 MARGIN_GATES: tuple[str, ...] = ("none", "hn-accuracy")
@@ -109,6 +114,11 @@ class CementLoss(nn.Module):
             ends with the difficulty-scaled one. 0 (the default) scales from the first step. The step is counted
             by training-mode calls (``calls_per_step`` of them per step); OpenCLIP's ``train_one_epoch`` sets it
             at each epoch start through :meth:`set_training_step`, so a resumed run continues the schedule.
+        hard_columns: ``"joint"`` (the default): hard negatives are extra columns of their image's
+            image-to-text row, beside the in-batch captions (NegCLIP's placement), and also enter ``H_i`` when
+            ``hard_weight > 0``. ``"separate"``: they enter ``H_i`` only, so the in-batch rows and columns are
+            those of CLIP (with the difficulty margin) and a raised hard-negative logit takes no share of the
+            retrieval softmax; needs ``hard_weight > 0``.
 
     ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
     hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
@@ -139,6 +149,7 @@ class CementLoss(nn.Module):
         hard_margin_difficulty: bool = False,
         hard_difficulty_offset: float | None = None,
         hard_difficulty_warmup: int = 0,
+        hard_columns: str = "joint",
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -198,6 +209,14 @@ class CementLoss(nn.Module):
                 f"expected hard_margin_difficulty=True (got warmup {hard_difficulty_warmup} without it)"
             )
         self.hard_difficulty_warmup = hard_difficulty_warmup
+        if hard_columns not in HARD_COLUMNS:
+            raise ValueError(f"CementLoss: hard_columns must be one of {HARD_COLUMNS}, got {hard_columns!r}")
+        if hard_columns == "separate" and not hard_weight > 0:
+            raise ValueError(
+                "CementLoss: hard_columns='separate' puts the hard negatives in the hard-negative term only, "
+                f"expected hard_weight > 0 (got {hard_weight!r})"
+            )
+        self.hard_columns = hard_columns
         self.calls_per_step = 1
         self.training_calls = 0  # training-mode forward calls so far (the warm-up's clock)
         self.gate_state = 0.0  # EMA of the excess hard-negative accuracy (used when margin_gate="hn-accuracy")
@@ -255,7 +274,7 @@ class CementLoss(nn.Module):
             f"world_size={self.world_size}, margin_gate={self.margin_gate!r}, "
             f"hard_margin_difficulty={self.hard_margin_difficulty}, "
             f"hard_difficulty_offset={self.hard_difficulty_offset}, "
-            f"hard_difficulty_warmup={self.hard_difficulty_warmup}"
+            f"hard_difficulty_warmup={self.hard_difficulty_warmup}, hard_columns={self.hard_columns!r}"
         )
 
     def forward(
@@ -344,13 +363,14 @@ class CementLoss(nn.Module):
             if warmup > 0.0:
                 difficulty = warmup + (1.0 - warmup) * difficulty
             hn_scores = hn_scores.float() * difficulty
+        separate = self.hard_columns == "separate" and hn_text_features is not None
         loss = cement_loss_unchecked(
             all_image,
             all_text,
             checked.scale,
-            hn_text_features,
-            hn_scores,
-            hn_mask,
+            None if separate else hn_text_features,
+            None if separate else hn_scores,
+            None if separate else hn_mask,
             margin_hard=margin_hard,
             margin_batch=self.margin_batch * self.gate,
             difficulty_offset=self.difficulty_offset,
@@ -359,8 +379,14 @@ class CementLoss(nn.Module):
             local_start=local_start,
             local_size=local_size,
             impl=self.impl,
-            hard_weight=self.hard_weight,
+            hard_weight=0.0 if separate else self.hard_weight,
         )
+        if separate and hn_text_features.shape[1] > 0:
+            rows = slice(local_start, local_start + local_size)
+            hard_sum = hard_negative_term(
+                all_image[rows], all_text[rows], checked.scale, hn_text_features, hn_scores, hn_mask, margin_hard
+            )
+            loss = loss + self.hard_weight * hard_sum / (2 * local_size)
         if self.training:
             self.training_calls += 1
         if image_features.dtype in (torch.float16, torch.bfloat16):
@@ -446,6 +472,7 @@ def create_cement_loss(args: Any) -> CementLoss:
         hard_margin_difficulty=getattr(args, "cement_hard_margin_difficulty", False),
         hard_difficulty_offset=getattr(args, "cement_hard_difficulty_offset", None),
         hard_difficulty_warmup=getattr(args, "cement_hard_difficulty_warmup", 0),
+        hard_columns=getattr(args, "cement_hard_columns", "joint"),
     )
 
 
