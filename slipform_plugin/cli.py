@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("slipform_plugin.evaluation.cli", "evaluate a model on compositional benchmarks"),
     "experiment": ("slipform_plugin.evaluation.experiment", "the synthetic ablation experiment"),
     "controls": ("slipform_plugin.evaluation.controls", "what the experiment's image tower can learn in its budget"),
+    "compare": ("slipform_plugin.evaluation.compare", "pair configurations of separate experiment runs by seed"),
 }
 
 
