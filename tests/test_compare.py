@@ -27,7 +27,9 @@ SETTINGS = {
 }
 
 
-def write_run(directory: Path, runs: list[tuple[str, int, float, float]], **settings: object) -> Path:
+def write_run(
+    directory: Path, runs: list[tuple[str, int, float, float]], environment: dict | None = None, **settings: object
+) -> Path:
     """results.json with (config, seed, attribute_swap, i2t_r1) runs, as ``slipform experiment`` writes it."""
     directory.mkdir(parents=True)
     records = [
@@ -35,6 +37,8 @@ def write_run(directory: Path, runs: list[tuple[str, int, float, float]], **sett
         for c, s, swap, r1 in runs
     ]
     body = {"settings": {**SETTINGS, **settings}, "runs": records}
+    if environment is not None:
+        body["environment"] = environment
     (directory / "results.json").write_text(json.dumps(body))
     return directory
 
@@ -111,3 +115,20 @@ def test_same_seed_twice_is_refused(tmp_path: Path) -> None:
     second = write_run(tmp_path / "two", [("c", 0, 0.7, 0.5)])
     with pytest.raises(ValueError, match="seed 0 of config 'c' appears in more than one directory"):
         compare.load_side(f"{first},{second}")
+
+
+def test_refuses_different_environments_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    here = {"cpu": "AMD EPYC", "torch": "2.14.1", "torch_cpu_capability": "AVX2"}
+    there = {**here, "torch_cpu_capability": "AVX512"}
+    variant = write_run(tmp_path / "v", [("c", 0, 0.8, 0.5)], environment=here)
+    same = write_run(tmp_path / "same", [("c", 0, 0.7, 0.5)], environment=dict(here))
+    other = write_run(tmp_path / "other", [("c", 0, 0.7, 0.5)], environment=there)
+    unknown = write_run(tmp_path / "unknown", [("c", 0, 0.7, 0.5)])  # written before the environment was recorded
+    assert compare.main([str(variant), str(same), str(unknown), "--metrics", "attribute_swap"]) == 0
+    capsys.readouterr()
+    assert compare.main([str(variant), str(other), "--metrics", "attribute_swap"]) == 2
+    assert "different environments (torch_cpu_capability ('AVX2' vs 'AVX512'))" in capsys.readouterr().err
+    args = [str(variant), str(other), "--metrics", "attribute_swap", "--allow-different-settings"]
+    assert compare.main(args) == 0
+    with pytest.raises(ValueError, match="different environments"):
+        compare.load_side(f"{same},{other}")

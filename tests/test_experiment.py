@@ -270,6 +270,7 @@ def test_quick_experiment_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["failures"] == []
     assert set(results["summary"]) == set(ALL_CONFIGS)
+    assert {"cpu", "torch", "open_clip_torch"} <= set(results["environment"])
     for name, entry in results["summary"].items():
         for metric in TABLE_METRICS:
             assert math.isfinite(entry[metric]["mean"]) and 0.0 <= entry[metric]["mean"] <= 1.0, (name, metric)

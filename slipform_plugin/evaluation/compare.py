@@ -9,10 +9,12 @@ with the a, b or c of an earlier run. This command does that from the runs' ``re
 The first argument is the variant; each further one is a baseline. An argument is ``DIR[,DIR...][:CONFIG]``
 (CONFIG defaults to ``c``): several directories are read together, so seeds 0 to 2 of one run and 3 to 5 of
 another form one baseline. Pairs are made on the seeds both sides have. The runs must share the settings that
-fix data and budget (samples, epochs, batch, learning rate, world, model, data seed, K ...): a difference there
-is refused unless ``--allow-different-settings`` is given, because a paired difference across budgets means
-nothing. Prints a Markdown table (percentage points: mean ± sample sd over the paired seeds, then the per-seed
-values) and, with ``--json FILE``, writes the same numbers.
+fix data and budget (samples, epochs, batch, learning rate, world, model, data seed, K ...) and the environment
+(CPU, torch, OpenCLIP; runs written before results.json recorded it are taken as they are): a difference is
+refused unless ``--allow-different-settings`` is given, because a paired difference across budgets means
+nothing, and the same command lands a few points elsewhere on another CPU. Prints a Markdown table
+(percentage points: mean ± sample sd over the paired seeds, then the per-seed values) and, with
+``--json FILE``, writes the same numbers.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Side:
     config: str
     per_seed: dict[int, dict[str, float]]
     settings: dict[str, Any]
+    environment: dict[str, Any] | None  # results.json's "environment" (None for runs written before it existed)
 
 
 def parse_side(text: str) -> tuple[list[Path], str]:
@@ -72,6 +75,7 @@ def load_side(text: str) -> Side:
     directories, config = parse_side(text)
     per_seed: dict[int, dict[str, float]] = {}
     settings: dict[str, Any] | None = None
+    environment: dict[str, Any] | None = None
     for directory in directories:
         path = directory / "results.json"
         if not path.is_file():
@@ -85,13 +89,19 @@ def load_side(text: str) -> Side:
         if settings is not None and budget != settings:
             raise ValueError(f"{text}: the directories differ in {_differences(settings, budget)}")
         settings = budget
+        run_environment = results.get("environment")
+        if environment is not None and run_environment is not None and run_environment != environment:
+            raise ValueError(
+                f"{text}: the directories ran in different environments: {_differences(environment, run_environment)}"
+            )
+        environment = environment or run_environment
         for run in runs:
             seed = int(run["seed"])
             if seed in per_seed:
                 raise ValueError(f"{text}: seed {seed} of config {config!r} appears in more than one directory")
             per_seed[seed] = {k: float(v) for k, v in run["metrics"].items() if isinstance(v, (int, float))}
     assert settings is not None
-    return Side(label=text, config=config, per_seed=per_seed, settings=settings)
+    return Side(label=text, config=config, per_seed=per_seed, settings=settings, environment=environment)
 
 
 def _differences(first: dict[str, Any], second: dict[str, Any]) -> str:
@@ -114,6 +124,17 @@ def compare(variant: Side, baselines: list[Side], metrics: list[str], allow_diff
             raise ValueError(
                 f"{baseline.label} and {variant.label} differ in {_differences(variant.settings, baseline.settings)}; "
                 "pass --allow-different-settings to pair them anyway"
+            )
+        if (
+            variant.environment is not None
+            and baseline.environment is not None
+            and variant.environment != baseline.environment
+            and not allow_different_settings
+        ):
+            raise ValueError(
+                f"{baseline.label} and {variant.label} ran in different environments "
+                f"({_differences(variant.environment, baseline.environment)}): the same command lands a few points "
+                "elsewhere on another CPU or torch build; pass --allow-different-settings to pair them anyway"
             )
         seeds = sorted(set(variant.per_seed) & set(baseline.per_seed))
         if not seeds:
@@ -183,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-different-settings",
         action="store_true",
-        help="pair runs whose data or budget settings differ (the table then says less)",
+        help="pair runs whose data or budget settings or environments differ (the table then says less)",
     )
     return p
 

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -484,6 +485,33 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def environment() -> dict[str, str]:
+    """What the numbers depend on besides the settings: CPU model, Python, torch, OpenCLIP (in results.json).
+
+    Training on CPU is deterministic on one machine, but another CPU or torch build rounds differently and a
+    run of 128 steps can land a few points elsewhere, so ``slipform compare`` pairs only runs of one environment.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "cpu_count": str(os.cpu_count()), "python": platform.python_version()}
+    with contextlib.suppress(ImportError, AttributeError):
+        import torch
+
+        info["torch_cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())  # the kernels torch picks
+    for package in ("torch", "open_clip_torch"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = "not installed"
+    return info
+
+
 def _own_cpu_seconds() -> float:
     """User + system CPU seconds of this process (its evaluation, planting and data writing)."""
     import resource
@@ -916,6 +944,7 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
         table += paired_table(pairs)
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        "environment": environment(),
         "configs": {name: asdict(configs[name]) for name in settings.configs},
         "data": data,
         "plant_seconds": plant_seconds,
