@@ -2,7 +2,7 @@
 
 Each rank is this file run as a script (``python test_distributed_loss.py --rank r ...``), joined by a file
 rendezvous, so no port is needed and nothing has to be pickled. Every rank builds the same global batch from
-a fixed seed, keeps its own slice, runs every (form, impl) case and saves loss and gradients; the test
+a fixed seed, keeps its own slice, runs every (form, impl, hard columns) case and saves loss and gradients; the test
 compares them with ``cement_loss_reference`` on the whole batch in this process.
 
 What "equal" means per form (W ranks, single-process loss L over the M = W * B pairs):
@@ -46,6 +46,8 @@ FORMS = {  # name -> (local_loss, gather_with_grad)
     "global": (False, False),
 }
 IMPLS = ("reference", "chunked")
+#: where the hard negatives enter (``CementLoss(hard_columns=...)``); "separate" keeps them in H_i only
+COLUMNS = ("joint", "separate")
 
 
 def global_batch(world_size: int) -> dict[str, torch.Tensor]:
@@ -54,10 +56,14 @@ def global_batch(world_size: int) -> dict[str, torch.Tensor]:
     total = world_size * BATCH
     mask = torch.rand(total, NUM_HARD, generator=generator) > 0.3
     mask[0] = False
+    image = F.normalize(torch.randn(total, DIM, generator=generator), dim=1)
+    text = F.normalize(image + 0.8 * torch.randn(total, DIM, generator=generator), dim=1)
+    # hard negatives near their caption, as real ones are: they hold a share of their row in both column forms
+    hard = text[:, None] + 0.3 * torch.randn(total, NUM_HARD, DIM, generator=generator)
     return {
-        "image_features": F.normalize(torch.randn(total, DIM, generator=generator), dim=1),
-        "text_features": F.normalize(torch.randn(total, DIM, generator=generator), dim=1),
-        "hn_text_features": F.normalize(torch.randn(total, NUM_HARD, DIM, generator=generator), dim=-1),
+        "image_features": image,
+        "text_features": text,
+        "hn_text_features": F.normalize(hard, dim=-1),
         "hn_scores": torch.rand(total, NUM_HARD, generator=generator),
         "hn_mask": mask,
         "logit_scale": torch.tensor(20.0),
@@ -74,36 +80,38 @@ def _worker(rank: int, world_size: int, directory: Path) -> None:
     batch = global_batch(world_size)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     results = {}
-    for form, (local_loss, gather_with_grad) in FORMS.items():
-        for impl in IMPLS:
-            local = {name: value[rows].clone() for name, value in batch.items() if name != "logit_scale"}
-            for name in ("image_features", "text_features", "hn_text_features"):
-                local[name].requires_grad_()
-            scale = batch["logit_scale"].clone().requires_grad_()
-            loss_fn = CementLoss(
-                local_loss=local_loss,
-                gather_with_grad=gather_with_grad,
-                rank=rank,
-                world_size=world_size,
-                impl=impl,
-                **SETTINGS,
-            )
-            loss = loss_fn(
-                local["image_features"],
-                local["text_features"],
-                scale,
-                hn_text_features=local["hn_text_features"],
-                hn_scores=local["hn_scores"],
-                hn_mask=local["hn_mask"],
-            )
-            loss.backward()
-            results[(form, impl)] = {
-                "loss": loss.detach(),
-                "image_features": local["image_features"].grad,
-                "text_features": local["text_features"].grad,
-                "hn_text_features": local["hn_text_features"].grad,
-                "logit_scale": scale.grad,
-            }
+    cases = [(form, impl, columns) for form in FORMS for impl in IMPLS for columns in COLUMNS]
+    for form, impl, columns in cases:
+        local_loss, gather_with_grad = FORMS[form]
+        local = {name: value[rows].clone() for name, value in batch.items() if name != "logit_scale"}
+        for name in ("image_features", "text_features", "hn_text_features"):
+            local[name].requires_grad_()
+        scale = batch["logit_scale"].clone().requires_grad_()
+        loss_fn = CementLoss(
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            rank=rank,
+            world_size=world_size,
+            impl=impl,
+            hard_columns=columns,
+            **SETTINGS,
+        )
+        loss = loss_fn(
+            local["image_features"],
+            local["text_features"],
+            scale,
+            hn_text_features=local["hn_text_features"],
+            hn_scores=local["hn_scores"],
+            hn_mask=local["hn_mask"],
+        )
+        loss.backward()
+        results[(form, impl, columns)] = {
+            "loss": loss.detach(),
+            "image_features": local["image_features"].grad,
+            "text_features": local["text_features"].grad,
+            "hn_text_features": local["hn_text_features"].grad,
+            "logit_scale": scale.grad,
+        }
     torch.save(results, directory / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -127,13 +135,27 @@ def run_ranks(world_size: int, directory: Path) -> list[dict]:
     return [torch.load(directory / f"rank{rank}.pt") for rank in range(world_size)]
 
 
-def single_process(world_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def single_process(world_size: int, columns: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients on the whole batch in one process: the reference formula ("joint"), or the
+    single-process ``CementLoss`` ("separate", itself tested against a hand-written CLIP loss + H_i)."""
+    from slipform_plugin.losses import CementLoss
     from slipform_plugin.losses.reference import cement_loss_reference
 
     batch = global_batch(world_size)
     for name in ("image_features", "text_features", "hn_text_features", "logit_scale"):
         batch[name].requires_grad_()
-    loss = cement_loss_reference(**batch, **SETTINGS)
+    if columns == "joint":
+        loss = cement_loss_reference(**batch, **SETTINGS)
+    else:
+        loss_fn = CementLoss(impl="reference", hard_columns=columns, **SETTINGS)
+        loss = loss_fn(
+            batch["image_features"],
+            batch["text_features"],
+            batch["logit_scale"],
+            hn_text_features=batch["hn_text_features"],
+            hn_scores=batch["hn_scores"],
+            hn_mask=batch["hn_mask"],
+        )
     loss.backward()
     grads = {name: batch[name].grad for name in ("image_features", "text_features", "hn_text_features", "logit_scale")}
     return loss.detach(), grads
@@ -142,26 +164,28 @@ def single_process(world_size: int) -> tuple[torch.Tensor, dict[str, torch.Tenso
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     """Per world size: every rank's results (computed once per module) and the single-process reference."""
-    cache: dict[int, tuple[list[dict], torch.Tensor, dict[str, torch.Tensor]]] = {}
+    cache: dict[int, tuple[list[dict], dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]]] = {}
 
-    def get(world_size: int):
+    def get(world_size: int, columns: str):
         if world_size not in cache:
             results = run_ranks(world_size, tmp_path_factory.mktemp(f"w{world_size}"))
-            cache[world_size] = (results, *single_process(world_size))
-        return cache[world_size]
+            cache[world_size] = (results, {c: single_process(world_size, c) for c in COLUMNS})
+        results, expected = cache[world_size]
+        return (results, *expected[columns])
 
     return get
 
 
+@pytest.mark.parametrize("columns", COLUMNS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_distributed_equals_single_process(rank_results, world_size, form, impl):
-    results, expected_loss, expected = rank_results(world_size)
+def test_distributed_equals_single_process(rank_results, world_size, form, impl, columns):
+    results, expected_loss, expected = rank_results(world_size, columns)
     local_loss, gather_with_grad = FORMS[form]
     factor = world_size if gather_with_grad else 1  # the all-gather's backward sums all ranks' gradients
     close = {"rtol": 1e-5, "atol": 1e-6}
-    per_rank = [result[(form, impl)] for result in results]
+    per_rank = [result[(form, impl, columns)] for result in results]
     losses = torch.stack([item["loss"] for item in per_rank])
     scale_grads = torch.stack([item["logit_scale"] for item in per_rank])
     if local_loss:
@@ -180,6 +204,16 @@ def test_distributed_equals_single_process(rank_results, world_size, form, impl)
             error = (item[name] - want).abs().max().item()
             bound = 1e-7 + 1e-4 * want.abs().max().item()
             assert error <= bound, f"rank {rank} d loss / d {name}: max error {error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_column_cases_differ(rank_results, world_size):
+    """The "separate" case gives the hard negatives other gradients than "joint" (H_i's only): two losses tested."""
+    results, _, _ = rank_results(world_size, "joint")
+    key = ("local-gather-grad", "chunked")
+    joint = torch.cat([result[(*key, "joint")]["hn_text_features"] for result in results])
+    separate = torch.cat([result[(*key, "separate")]["hn_text_features"] for result in results])
+    assert (joint - separate).abs().max() > 0.05 * joint.abs().max()
 
 
 if __name__ == "__main__":
