@@ -24,8 +24,10 @@ def test_cement_concreteplant_two_processes_on_cpu(synthetic_shards, tmp_path):
         "0.2",
         "--cement-margin-batch",
         "0.1",
+        "--cement-hard-columns",
+        "separate",
         "--cement-hard-weight",
-        "0.5",
+        "1",
     ]
     run = run_training([*args, "--loss", "cement", "--hn", "concreteplant", "--hn-num", "3", *recommended], nproc=2)
     _assert_ok(run)
@@ -34,6 +36,7 @@ def test_cement_concreteplant_two_processes_on_cpu(synthetic_shards, tmp_path):
     assert "total 2" in log or "world size 2" in log.lower() or "Running in distributed mode" in log
     assert "Slipform: loss=cement (CementLoss(" in log
     assert "margin_hard=0.2, margin_batch=0.1" in log and "hard_margin_difficulty=True" in log
+    assert "hard_weight=1.0" in log and "hard_columns='separate'" in log
     assert "Slipform: hard negatives from 'concreteplant', K=3" in log
     # Negatives reached the loss with the expected shape: [batch, K, embed_dim] of slipform-tiny.
     shape = re.search(r"hn_text_features \[(\d+), (\d+), (\d+)\], real negatives (\d+)/(\d+)", log)
