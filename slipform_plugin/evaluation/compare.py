@@ -52,7 +52,6 @@ class Side:
     """One side of a comparison: a configuration's per-seed metrics gathered from one or more runs."""
 
     label: str
-    config: str
     per_seed: dict[int, dict[str, float]]
     settings: dict[str, Any]
     environment: dict[str, Any] | None  # results.json's "environment" (None for runs written before it existed)
@@ -86,14 +85,12 @@ def load_side(text: str) -> Side:
             found = sorted({r.get("config") for r in results.get("runs", [])})
             raise ValueError(f"{text}: {path} has no finished run of config {config!r} (it has {found})")
         budget = {key: results.get("settings", {}).get(key) for key in BUDGET_SETTINGS}
-        if settings is not None and budget != settings:
-            raise ValueError(f"{text}: the directories differ in {_differences(settings, budget)}")
+        if differences := _mismatch(settings, budget):
+            raise ValueError(f"{text}: the directories differ in {differences}")
         settings = budget
         run_environment = results.get("environment")
-        if environment is not None and run_environment is not None and run_environment != environment:
-            raise ValueError(
-                f"{text}: the directories ran in different environments: {_differences(environment, run_environment)}"
-            )
+        if differences := _mismatch(environment, run_environment):
+            raise ValueError(f"{text}: the directories ran in different environments: {differences}")
         environment = environment or run_environment
         for run in runs:
             seed = int(run["seed"])
@@ -101,14 +98,19 @@ def load_side(text: str) -> Side:
                 raise ValueError(f"{text}: seed {seed} of config {config!r} appears in more than one directory")
             per_seed[seed] = {k: float(v) for k, v in run["metrics"].items() if isinstance(v, (int, float))}
     assert settings is not None
-    return Side(label=text, config=config, per_seed=per_seed, settings=settings, environment=environment)
+    return Side(label=text, per_seed=per_seed, settings=settings, environment=environment)
 
 
-def _differences(first: dict[str, Any], second: dict[str, Any]) -> str:
-    return ", ".join(f"{k} ({first.get(k)!r} vs {second.get(k)!r})" for k in first if first.get(k) != second.get(k))
+def _mismatch(first: dict[str, Any] | None, second: dict[str, Any] | None) -> str:
+    """The keys where two known dicts differ, as ``key (a vs b), ...``; empty when equal or either is unknown."""
+    if first is None or second is None or first == second:
+        return ""
+    keys = [*first, *(k for k in second if k not in first)]
+    return ", ".join(f"{k} ({first.get(k)!r} vs {second.get(k)!r})" for k in keys if first.get(k) != second.get(k))
 
 
-def _mean_sd(values: list[float]) -> dict[str, float]:
+def mean_sd(values: list[float]) -> dict[str, float]:
+    """``{"mean", "std"}`` of ``values``: the mean and the sample standard deviation (0 for one value)."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
@@ -120,21 +122,16 @@ def compare(variant: Side, baselines: list[Side], metrics: list[str], allow_diff
     """
     out: dict[str, Any] = {"variant": _summary(variant, metrics), "baselines": []}
     for baseline in baselines:
-        if baseline.settings != variant.settings and not allow_different_settings:
+        if not allow_different_settings and (differences := _mismatch(variant.settings, baseline.settings)):
             raise ValueError(
-                f"{baseline.label} and {variant.label} differ in {_differences(variant.settings, baseline.settings)}; "
+                f"{baseline.label} and {variant.label} differ in {differences}; "
                 "pass --allow-different-settings to pair them anyway"
             )
-        if (
-            variant.environment is not None
-            and baseline.environment is not None
-            and variant.environment != baseline.environment
-            and not allow_different_settings
-        ):
+        if not allow_different_settings and (differences := _mismatch(variant.environment, baseline.environment)):
             raise ValueError(
-                f"{baseline.label} and {variant.label} ran in different environments "
-                f"({_differences(variant.environment, baseline.environment)}): the same command lands a few points "
-                "elsewhere on another CPU or torch build; pass --allow-different-settings to pair them anyway"
+                f"{baseline.label} and {variant.label} ran in different environments ({differences}): the same "
+                "command lands a few points elsewhere on another CPU or torch build; pass --allow-different-settings "
+                "to pair them anyway"
             )
         seeds = sorted(set(variant.per_seed) & set(baseline.per_seed))
         if not seeds:
@@ -147,7 +144,7 @@ def compare(variant: Side, baselines: list[Side], metrics: list[str], allow_diff
             pairs = [(variant.per_seed[s].get(metric), baseline.per_seed[s].get(metric)) for s in seeds]
             diffs = [v - b for v, b in pairs if v is not None and b is not None]
             if diffs:
-                entry[metric] = {"per_seed": diffs, **_mean_sd(diffs)}
+                entry[metric] = {"per_seed": diffs, **mean_sd(diffs)}
         out["baselines"].append(entry)
     return out
 
@@ -158,11 +155,12 @@ def _summary(side: Side, metrics: list[str], seeds: list[int] | None = None) -> 
     for metric in metrics:
         values = [side.per_seed[s][metric] for s in seeds if metric in side.per_seed[s]]
         if values:
-            summary["values"][metric] = {"per_seed": values, **_mean_sd(values)}
+            summary["values"][metric] = {"per_seed": values, **mean_sd(values)}
     return summary
 
 
-def _cell(stat: dict[str, Any] | None, signed: bool) -> str:
+def format_stat(stat: dict[str, Any] | None, signed: bool) -> str:
+    """``{"per_seed", "mean", "std"}`` (fractions) as ``mean ± sd (seed, seed, ...)`` in points; "n/a" for None."""
     if stat is None:
         return "n/a"
     sign = "+" if signed else ""
@@ -178,11 +176,11 @@ def markdown(result: dict[str, Any], metrics: list[str]) -> str:
     lines = ["| | seeds | " + " | ".join(titles) + " |", "|" + "---|" * (len(metrics) + 2)]
     variant = result["variant"]
     seeds = ", ".join(map(str, variant["seeds"]))
-    cells = [_cell(variant["values"].get(m), signed=False) for m in metrics]
+    cells = [format_stat(variant["values"].get(m), signed=False) for m in metrics]
     lines.append(f"| {variant['label']} | {seeds} | " + " | ".join(cells) + " |")
     for entry in result["baselines"]:
         seeds = ", ".join(map(str, entry["seeds"]))
-        cells = [_cell(entry.get(m), signed=True) for m in metrics]
+        cells = [format_stat(entry.get(m), signed=True) for m in metrics]
         lines.append(f"| minus {entry['label']} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

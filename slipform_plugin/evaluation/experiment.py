@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from slipform_plugin._argtypes import positive_int
+from slipform_plugin.evaluation.compare import format_stat, mean_sd
 from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
 from slipform_plugin.synthetic.scene import WORLDS, get_world
 
@@ -562,8 +563,7 @@ def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, di
             values = [r["metrics"].get(key) if key in METRICS else r.get(key) for r in runs]
             values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
             if values:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                entry[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+                entry[key] = {**mean_sd(values), "n": len(values)}
         summary[name] = entry
     return summary
 
@@ -604,8 +604,7 @@ def paired_differences(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if by_key[(first, s)].get(metric) is not None and by_key[(second, s)].get(metric) is not None
             ]
             if diffs:
-                std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-                entry[metric] = {"per_seed": diffs, "mean": statistics.fmean(diffs), "std": std}
+                entry[metric] = {"per_seed": diffs, **mean_sd(diffs)}
         out.append(entry)
     return out
 
@@ -615,14 +614,7 @@ def paired_table(pairs: list[dict[str, Any]]) -> str:
     header = ["pair", "what it isolates", *(METRICS[m][1] for m in PAIRED_METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in pairs:
-        cells = [entry["pair"], entry["meaning"]]
-        for metric in PAIRED_METRICS:
-            stat = entry.get(metric)
-            if stat is None:
-                cells.append("n/a")
-                continue
-            per_seed = ", ".join(f"{100 * d:+.1f}" for d in stat["per_seed"])
-            cells.append(f"{100 * stat['mean']:+.1f} ± {100 * stat['std']:.1f} ({per_seed})")
+        cells = [entry["pair"], entry["meaning"], *(format_stat(entry.get(m), signed=True) for m in PAIRED_METRICS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
