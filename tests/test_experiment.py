@@ -172,22 +172,30 @@ def test_configs_differ_only_where_they_should():
     assert (configs["c"].negatives, configs["d"].negatives) == ("concreteplant", "concreteplant-uniform")
     assert "--cement-margin-batch" in configs["e1"].flags and configs["e1"].flags[-1] == "0"
     assert configs["e2"].flags[configs["e2"].flags.index("--cement-margin-hard") + 1] == "0"
-    # Every Cement configuration runs ungated, with the pair difficulty and lambda 0.5 unless the experiment says
-    # otherwise; a and b never get a Cement flag.
-    cement_flags = ("--cement-margin-gate", "--cement-hard-weight", "--cement-hard-margin-difficulty")
+    # Every Cement configuration runs ungated, with the pair difficulty, lambda 1 and the hard negatives in the
+    # hard-negative term only unless the experiment says otherwise; a and b never get a Cement flag.
+    cement_flags = (
+        "--cement-margin-gate",
+        "--cement-hard-weight",
+        "--cement-hard-margin-difficulty",
+        "--cement-hard-columns",
+    )
     for name in ("c", "d", "e1", "e2", "o"):
         flags = configs[name].flags
         assert flags[flags.index("--cement-margin-gate") + 1] == "none", name
-        assert flags[flags.index("--cement-hard-weight") + 1] == "0.5", name
+        assert flags[flags.index("--cement-hard-weight") + 1] == "1", name
+        assert flags[flags.index("--cement-hard-columns") + 1] == "separate", name
         assert "--cement-hard-margin-difficulty" in flags, name
     assert all(flag not in configs[name].flags for name in ("a", "b") for flag in cement_flags)
     gated = build_configs(0.1, 0.05, "hn-accuracy")["c"].flags
     assert gated[gated.index("--cement-margin-gate") + 1] == "hn-accuracy"
     # lambda = 0 and the constant margin leave their flags out.
-    plain = build_configs(0.1, 0.05, "none", 0.0, hard_margin_difficulty=False)
+    # lambda = 0, the constant margin and the joint columns (the loss's defaults) leave their flags out.
+    plain = build_configs(0.1, 0.05, "none", 0.0, hard_margin_difficulty=False, hard_columns="joint")
     for name in ("c", "d", "e1", "e2", "o"):
         assert "--cement-hard-weight" not in plain[name].flags, name
         assert "--cement-hard-margin-difficulty" not in plain[name].flags, name
+        assert "--cement-hard-columns" not in plain[name].flags, name
     weighted = build_configs(0.1, 0.05, "hn-accuracy", 1.5)
     for name in ("c", "d", "e1", "e2", "o"):
         flags = weighted[name].flags
@@ -199,7 +207,16 @@ def test_cement_settings_reach_settings_with_their_defaults():
 
     settings = settings_from_args(build_parser().parse_args([]))
     assert (settings.world, settings.margin_gate, settings.hard_margin_difficulty) == ("pair-relations", "none", True)
-    assert (settings.margin_hard, settings.margin_batch, settings.hard_weight) == (0.2, 0.1, 0.5)
+    assert (settings.margin_hard, settings.margin_batch, settings.hard_weight) == (0.2, 0.1, 1.0)
+    assert settings.hard_columns == "separate"
+    session9 = settings_from_args(
+        build_parser().parse_args(["--cement-hard-columns", "joint", "--cement-hard-weight", "0.5"])
+    )
+    assert (session9.hard_columns, session9.hard_weight) == ("joint", 0.5)
+    assert build_configs(0.2, 0.1, "none", session9.hard_weight, True, session9.hard_columns)["c"].flags == (
+        "--loss", "cement", "--cement-margin-gate", "none", "--cement-hard-weight", "0.5",
+        "--cement-hard-margin-difficulty", "--cement-margin-hard", "0.2", "--cement-margin-batch", "0.1",
+    )  # fmt: skip
     off = settings_from_args(build_parser().parse_args(["--no-cement-hard-margin-difficulty", "--world", "default"]))
     assert (off.hard_margin_difficulty, off.world) == (False, "default")
 
@@ -220,10 +237,16 @@ def test_margin_gate_flag_reaches_settings_and_is_checked(capsys):
 def test_hard_weight_flag_reaches_settings_and_is_checked():
     from slipform_plugin.evaluation.experiment import build_parser, check_settings, settings_from_args
 
-    assert settings_from_args(build_parser().parse_args([])).hard_weight == 0.5
+    assert settings_from_args(build_parser().parse_args([])).hard_weight == 1.0
     assert settings_from_args(build_parser().parse_args(["--cement-hard-weight", "2"])).hard_weight == 2.0
     with pytest.raises(ValueError, match=re.escape("--cement-hard-weight must be a finite number >= 0, got -1.0")):
         check_settings(settings_from_args(build_parser().parse_args(["--cement-hard-weight", "-1"])))
+    # The separate columns put the hard negatives in the lambda-weighted term only: lambda 0 would drop them.
+    with pytest.raises(ValueError, match=re.escape("--cement-hard-columns separate needs --cement-hard-weight > 0")):
+        check_settings(settings_from_args(build_parser().parse_args(["--cement-hard-weight", "0"])))
+    check_settings(
+        settings_from_args(build_parser().parse_args(["--cement-hard-weight", "0", "--cement-hard-columns", "joint"]))
+    )
 
 
 def test_world_flag_reaches_the_shards(tmp_path):

@@ -9,16 +9,18 @@ name  training flags                                               what it shows
 ====  ==========================================================  =========================================
 a     ``--loss clip``                                              OpenCLIP's baseline
 b     ``--loss infonce --hn concreteplant``                        the NegCLIP recipe (margins at zero)
-c     ``--loss cement --hn concreteplant``                         Slipform (session 9's settings)
+c     ``--loss cement --hn concreteplant``                         Slipform (the recommended settings)
 d     ``--loss cement --hn concreteplant-uniform``                 concreteness ablation (uniform draw)
 e1    c with ``--cement-margin-batch 0``                           concreteness margin only
 e2    c with ``--cement-margin-hard 0``                            difficulty margin only
 ====  ==========================================================  =========================================
 
 Every Cement configuration (c, d, e1, e2, o) runs with the same Cement settings (``MARGIN_GATE``,
-``HARD_MARGIN_DIFFICULTY``, ``MARGIN_HARD``, ``MARGIN_BATCH``, ``HARD_WEIGHT`` below, each overridable by the
-experiment's flags): ungated margins, each concreteness margin scaled by its pair's difficulty, and the
-hard-negative term at lambda 0.5. The world is ``pair-relations`` unless ``--world`` says otherwise.
+``HARD_MARGIN_DIFFICULTY``, ``MARGIN_HARD``, ``MARGIN_BATCH``, ``HARD_WEIGHT``, ``HARD_COLUMNS`` below, each
+overridable by the experiment's flags): ungated margins, each concreteness margin scaled by its pair's difficulty,
+and the hard negatives in the hard-negative term only, at lambda 1 (session 12's recommendation; session 9's c
+was ``--cement-hard-columns joint --cement-hard-weight 0.5``). The world is ``pair-relations`` unless ``--world``
+says otherwise.
 
 Hard negatives are planted once, offline (``slipform plant``'s writer; negatives seeded by sample key and
 ``--hn-seed``), so all negative-using configurations of a seed train on exactly the same negatives, and the
@@ -70,12 +72,14 @@ MODEL = "slipform-micro-cnn"
 WORLD = "pair-relations"
 #: Cement's settings in every Cement configuration unless the experiment's flags say otherwise (README, Evidence:
 #: session 9's variants): margins at full strength from the first step (no gate), each concreteness margin scaled
-#: by its pair's difficulty, mu_h 0.2, mu_b 0.1 and the hard-negative term at lambda 0.5
+#: by its pair's difficulty, mu_h 0.2, mu_b 0.1, and the hard negatives in the hard-negative term only, at
+#: lambda 1 (session 12; sessions 9 to 12 ran c with the hard negatives as joint columns and lambda 0.5)
 MARGIN_GATE = "none"
 HARD_MARGIN_DIFFICULTY = True
 MARGIN_HARD = 0.2
 MARGIN_BATCH = 0.1
-HARD_WEIGHT = 0.5
+HARD_WEIGHT = 1.0
+HARD_COLUMNS = "separate"
 ALL_CONFIGS: tuple[str, ...] = ("a", "b", "c", "d", "e1", "e2")
 #: configurations run only when named in --configs
 EXTRA_CONFIGS: tuple[str, ...] = ("o",)
@@ -179,6 +183,7 @@ class Settings:
     hard_weight: float = HARD_WEIGHT
     single_group_fraction: float = 0.0
     hard_margin_difficulty: bool = HARD_MARGIN_DIFFICULTY
+    hard_columns: str = HARD_COLUMNS
 
 
 def build_configs(
@@ -187,16 +192,20 @@ def build_configs(
     margin_gate: str = MARGIN_GATE,
     hard_weight: float = HARD_WEIGHT,
     hard_margin_difficulty: bool = HARD_MARGIN_DIFFICULTY,
+    hard_columns: str = HARD_COLUMNS,
 ) -> dict[str, Config]:
     """The configurations; ``margin_*`` are Cement's mu_h and mu_b for c, d and e (the ones left on),
-    ``margin_gate`` its ``--cement-margin-gate``, ``hard_weight`` its ``--cement-hard-weight`` and
-    ``hard_margin_difficulty`` its ``--cement-hard-margin-difficulty`` (every Cement configuration)."""
+    ``margin_gate`` its ``--cement-margin-gate``, ``hard_weight`` its ``--cement-hard-weight``,
+    ``hard_margin_difficulty`` its ``--cement-hard-margin-difficulty`` and ``hard_columns`` its
+    ``--cement-hard-columns`` (every Cement configuration; ``joint``, the loss's default, adds no flag)."""
     mh, mb = f"{margin_hard:g}", f"{margin_batch:g}"
     cement: tuple[str, ...] = ("--loss", "cement", "--cement-margin-gate", margin_gate)
     if hard_weight != 0.0:
         cement += ("--cement-hard-weight", f"{hard_weight:g}")
     if hard_margin_difficulty:
         cement += ("--cement-hard-margin-difficulty",)
+    if hard_columns != "joint":
+        cement += ("--cement-hard-columns", hard_columns)
     return {
         "a": Config("a", "CLIP (no hard negatives)", ("--loss", "clip"), None),
         "b": Config("b", "InfoNCE + ConcretePlant (NegCLIP)", ("--loss", "infonce"), "concreteplant"),
@@ -726,7 +735,8 @@ def _config_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``slipform experiment`` argument parser."""
-    from slipform_plugin.losses import MARGIN_GATES  # imports torch: not at module import
+    from slipform_plugin.losses import HARD_COLUMNS as HARD_COLUMNS_CHOICES  # imports torch: not at module import
+    from slipform_plugin.losses import MARGIN_GATES
 
     p = argparse.ArgumentParser(
         prog="slipform experiment",
@@ -804,6 +814,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--cement-hard-margin-difficulty for every Cement configuration: each concreteness margin scaled "
         "by its pair's difficulty (default on; --no-cement-hard-margin-difficulty: the constant margin)",
     )
+    p.add_argument(
+        "--cement-hard-columns",
+        choices=HARD_COLUMNS_CHOICES,
+        default=HARD_COLUMNS,
+        help=f"--cement-hard-columns of every Cement configuration (default {HARD_COLUMNS}; joint: session 9's c, "
+        "the hard negatives also as extra columns of their image's row)",
+    )
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints")
@@ -846,6 +863,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         margin_gate=args.cement_margin_gate,
         hard_weight=args.cement_hard_weight,
         hard_margin_difficulty=args.cement_hard_margin_difficulty,
+        hard_columns=args.cement_hard_columns,
         threads=args.threads,
         quick=args.quick,
         keep_going=args.keep_going,
@@ -868,6 +886,10 @@ def check_settings(settings: Settings) -> None:
         raise ValueError(f"--warmup must be >= 0, got {settings.warmup}")
     if not (math.isfinite(settings.hard_weight) and settings.hard_weight >= 0):
         raise ValueError(f"--cement-hard-weight must be a finite number >= 0, got {settings.hard_weight}")
+    if settings.hard_columns == "separate" and settings.hard_weight == 0.0:
+        raise ValueError(
+            "--cement-hard-columns separate needs --cement-hard-weight > 0 (the hard negatives would enter no term)"
+        )
     if settings.margin_hard < 0 or settings.margin_batch < 0:
         raise ValueError(
             f"--cement-margin-hard and --cement-margin-batch must be >= 0, got "
@@ -884,6 +906,7 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
         settings.margin_gate,
         settings.hard_weight,
         settings.hard_margin_difficulty,
+        settings.hard_columns,
     )
     started, cpu_started = time.perf_counter(), _own_cpu_seconds() + _children_cpu_seconds()
     data = make_data(settings)
