@@ -11,6 +11,7 @@
 #   slipform_traps ID WHAT LAUNCHER USR1 requeues Slurm job ID (REQUEUED=1); TERM sets STOPPED=1 and waits
 #   slipform_wait PID               wait for PID through trapped signals; sets rc to its exit status
 #   slipform_pretrain_args          fill the array train_args with OpenCLIP's flags from the pretrain knobs
+#                                   (with Cement's flags from CEMENT_ARGS when LOSS=cement)
 #   slipform_pretrain_log START|END the START/END lines of the pretrain launchers (JOB, NODES, WORLD_SIZE...)
 
 slipform_source_site_env() {
@@ -84,7 +85,24 @@ slipform_wait() {
 }
 
 # ---- the pretrain launchers -------------------------------------------------------------------------------
+# The Cement settings recommended in README (the Cement section): each concreteness margin scaled by its pair's
+# difficulty, mu_h 0.2, mu_b 0.1, the hard negatives in the hard-negative term only, lambda 1. They were chosen
+# on the synthetic benchmark at a CPU budget (README, Evidence); CEMENT_ARGS="" gives the loss's own defaults.
+SLIPFORM_RECOMMENDED_CEMENT_ARGS="--cement-hard-margin-difficulty --cement-margin-hard 0.2 --cement-margin-batch 0.1 \
+--cement-hard-columns separate --cement-hard-weight 1"
+
 slipform_pretrain_args() {
+    local cement_args=${CEMENT_ARGS-recommended}
+    local -a cement_words=()
+    if [[ "$cement_args" == recommended ]]; then
+        cement_args=$SLIPFORM_RECOMMENDED_CEMENT_ARGS
+    fi
+    if [[ "$LOSS" == cement ]]; then
+        read -ra cement_words <<< "$cement_args"
+    elif [[ -n "${CEMENT_ARGS:-}" && "$CEMENT_ARGS" != recommended ]]; then
+        echo "CEMENT_ARGS is set ('$CEMENT_ARGS') but LOSS=$LOSS: Cement's flags need LOSS=cement" >&2
+        exit 2
+    fi
     train_args=(
         --train-data "$TRAIN_DATA"
         --train-num-samples "$TRAIN_NUM_SAMPLES"
@@ -92,6 +110,7 @@ slipform_pretrain_args() {
         --model "$MODEL"
         --loss "$LOSS"
         --hn "$HN"
+        "${cement_words[@]}"
         --batch-size "$BATCH_SIZE"
         --epochs "$EPOCHS"
         --lr "$LR"

@@ -33,6 +33,8 @@ DATASET_TYPE=${DATASET_TYPE:-webdataset}
 MODEL=${MODEL:-ViT-B-32}
 LOSS=${LOSS:-cement}                           # Slipform's --loss (clip: OpenCLIP's own ClipLoss)
 HN=${HN:-concreteplant}                        # Slipform's --hn hard-negative generator (none: off)
+CEMENT_ARGS=${CEMENT_ARGS-recommended}         # Cement's flags when LOSS=cement, word-split: recommended (README's
+                                               # Cement section), "" (the loss's own defaults) or your own flags
 BATCH_SIZE=${BATCH_SIZE:-256}                  # per rank
 EPOCHS=${EPOCHS:-32}
 LR=${LR:-5e-4}

@@ -31,6 +31,7 @@ DATASET_TYPE=${DATASET_TYPE:-webdataset}
 MODEL=${MODEL:-ViT-B-32}
 LOSS=${LOSS:-cement}
 HN=${HN:-concreteplant}
+CEMENT_ARGS=${CEMENT_ARGS-recommended}
 BATCH_SIZE=${BATCH_SIZE:-256}
 EPOCHS=${EPOCHS:-32}
 LR=${LR:-5e-4}

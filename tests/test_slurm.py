@@ -159,6 +159,8 @@ def test_pretrain_completes_on_two_nodes(cluster, workdir, shards):
     assert "  hn: concreteplant" in out_log
     assert re.search(r"hn_text_features \[8, 3, \d+\]", out_log), "no hard negatives reached the loss"
     assert "Slipform: loss=cement" in out_log  # the plugin was active, not a silent --loss-dist-impl
+    # CEMENT_ARGS' default, the README's recommendation, reached the loss.
+    assert "cement_hard_columns: separate" in out_log and "cement_hard_weight: 1.0" in out_log
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "epoch_2.pt").is_file()
     assert _checkpoint_epoch(checkpoints / "epoch_latest.pt") == 2
@@ -440,3 +442,45 @@ def test_single_node_outside_slurm_uses_common(tmp_path):
     result = subprocess.run(["bash", str(copy)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "cannot find launch_slurm/_common.sh; set SLIPFORM_DIR" in result.stderr
+
+
+def _launched_args(tmp_path: Path, **knobs: str) -> subprocess.CompletedProcess:
+    """Run pretrain_single_node.sh under plain bash with a fake torchrun that prints its arguments."""
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/bin/bash\necho "launched: $*"\n')
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "TORCHRUN": str(fake), "DEVICE": "cpu", "NPROC": "1", "PYTHON": PYTHON}
+    env |= {"TRAIN_DATA": "data-{0..1}.tar", "TRAIN_NUM_SAMPLES": "8", **knobs}
+    single_node = ROOT / "launch_slurm" / "pretrain_single_node.sh"
+    return subprocess.run(["bash", str(single_node), "--seed", "3"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+
+
+RECOMMENDED = (
+    "--cement-hard-margin-difficulty --cement-margin-hard 0.2 --cement-margin-batch 0.1 "
+    "--cement-hard-columns separate --cement-hard-weight 1"
+)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "expected"),
+    [
+        ({}, f"--loss cement --hn concreteplant {RECOMMENDED} --batch-size"),  # the README's recommendation
+        ({"CEMENT_ARGS": "recommended"}, f"--hn concreteplant {RECOMMENDED} --batch-size"),
+        ({"CEMENT_ARGS": ""}, "--loss cement --hn concreteplant --batch-size"),  # the loss's own defaults
+        ({"CEMENT_ARGS": "--cement-hard-weight 2"}, "--hn concreteplant --cement-hard-weight 2 --batch-size"),
+        ({"LOSS": "clip", "HN": "none"}, "--loss clip --hn none --batch-size"),  # no Cement flags for another loss
+    ],
+)
+def test_cement_args_reach_the_trainer_only_for_cement(tmp_path, knobs, expected):
+    result = _launched_args(tmp_path, **knobs)
+    assert result.returncode == 0, result.stderr
+    (launched,) = [line for line in result.stdout.splitlines() if line.startswith("launched: ")]
+    assert expected in launched, launched
+    assert launched.endswith("--seed 3"), launched  # "$@" last: a flag given there wins over CEMENT_ARGS
+
+
+def test_cement_args_for_another_loss_are_refused(tmp_path):
+    result = _launched_args(tmp_path, LOSS="infonce", CEMENT_ARGS="--cement-hard-weight 2")
+    assert result.returncode == 2
+    assert "CEMENT_ARGS is set ('--cement-hard-weight 2') but LOSS=infonce" in result.stderr
