@@ -402,3 +402,42 @@ def test_single_group_fraction_reaches_the_training_shards_only(tmp_path, capsys
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--single-group-fraction", bad])
         assert "--single-group-fraction" in capsys.readouterr().err
+
+
+def _readme_commands(prefixes: tuple[str, ...]) -> list[str]:
+    """The commands in README.md's code (fenced or indented) that start with one of ``prefixes``; a trailing
+    backslash joins the next line; a ``#`` comment is dropped."""
+    commands, pending = [], ""
+    inside = False
+    for line in (Path(__file__).parent.parent / "README.md").read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            inside = not inside
+            continue
+        if not (inside or line.startswith("    ")):
+            continue
+        text = line.strip()
+        if pending or text.startswith(prefixes):
+            pending = f"{pending} {text.removesuffix(chr(92)).strip()}".strip()
+            if not text.endswith(chr(92)):
+                commands.append(pending.split(" #")[0])
+                pending = ""
+    return commands
+
+
+def test_readme_experiment_and_compare_commands_parse():
+    """Every ``slipform experiment``/``compare`` command README shows is accepted as written by today's flags
+    (a default that changes, e.g. the separate columns needing lambda > 0, must not leave a command that fails)."""
+    import shlex
+
+    from slipform_plugin.evaluation import compare
+    from slipform_plugin.evaluation.experiment import METRICS, build_parser, check_settings, settings_from_args
+
+    experiments = _readme_commands(("slipform experiment",))
+    comparisons = _readme_commands(("slipform compare",))
+    assert len(experiments) >= 6 and len(comparisons) >= 2, (experiments, comparisons)
+    for command in experiments:
+        check_settings(settings_from_args(build_parser().parse_args(shlex.split(command)[2:])))
+    for command in comparisons:
+        args = compare.build_parser().parse_args(shlex.split(command)[2:])
+        assert all(compare.parse_side(side) for side in [args.variant, *args.baselines]), command
+        assert set(args.metrics.split(",")) <= set(METRICS), command
