@@ -441,3 +441,47 @@ def test_readme_experiment_and_compare_commands_parse():
         args = compare.build_parser().parse_args(shlex.split(command)[2:])
         assert all(compare.parse_side(side) for side in [args.variant, *args.baselines]), command
         assert set(args.metrics.split(",")) <= set(METRICS), command
+
+
+def test_hn_kind_weights_reach_the_planted_negatives(tmp_path):
+    """--hn-kind-weights is checked, names the planted folder, and changes the mix of kinds that is planted."""
+    import tarfile
+
+    from slipform_plugin.concreteplant.offline import expand_shards
+    from slipform_plugin.evaluation.experiment import (
+        build_parser,
+        check_settings,
+        make_data,
+        plant_data,
+        settings_from_args,
+    )
+
+    def planted_kinds(pattern: str) -> Counter:
+        counts: Counter = Counter()
+        for shard in expand_shards([pattern]):
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.name.endswith(".hn.json"):
+                        counts.update(record["kind"] for record in json.loads(tar.extractfile(member).read()))
+        return counts
+
+    for bad in ("swap_colours=2", "swap_attributes=-1", "swap_attributes"):
+        with pytest.raises(ValueError, match="--hn-kind-weights: expected KIND=WEIGHT"):
+            check_settings(settings_from_args(build_parser().parse_args(["--hn-kind-weights", bad])))
+    argv = ["--quick", "--out", str(tmp_path), "--train-samples", "64", "--test-samples", "4", "--batch-size", "8"]
+    plain = settings_from_args(build_parser().parse_args(argv))
+    swaps = settings_from_args(build_parser().parse_args([*argv, "--hn-kind-weights", "swap_attributes=1000"]))
+    assert (plain.hn_kind_weights, swaps.hn_kind_weights) == (None, "swap_attributes=1000")
+    check_settings(swaps)
+    train = make_data(plain)["train"]
+    kinds = {}
+    for settings in (plain, swaps):
+        pattern, _ = plant_data(settings, "concreteplant", 0, train)
+        kinds[settings.hn_kind_weights] = planted_kinds(pattern)
+    assert (
+        "-swap_attributes1000-seed0" in pattern
+        and "-swap_attributes" not in plant_data(plain, "concreteplant", 0, train)[0]
+    )
+    share = {key: counts["swap_attributes"] / sum(counts.values()) for key, counts in kinds.items()}
+    # A two-object caption has one attribute swap: weighted up, every caption's K = 3 negatives include it.
+    assert share["swap_attributes=1000"] == pytest.approx(1 / 3) and share[None] < 0.3, share

@@ -184,6 +184,7 @@ class Settings:
     single_group_fraction: float = 0.0
     hard_margin_difficulty: bool = HARD_MARGIN_DIFFICULTY
     hard_columns: str = HARD_COLUMNS
+    hn_kind_weights: str | None = None
 
 
 def build_configs(
@@ -298,13 +299,16 @@ def make_data(settings: Settings) -> dict[str, Any]:
 
 def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern: str) -> tuple[str, float]:
     """Plant ``generator_name``'s negatives (``--hn-seed seed``) into the train shards once; returns the pattern."""
-    from slipform_plugin.concreteplant import ConcretePlant, corpus_vocabulary
+    from slipform_plugin.concreteplant import ConcretePlant, corpus_vocabulary, parse_kind_weights
     from slipform_plugin.concreteplant.offline import expand_shards, is_done
     from slipform_plugin.evaluation.ablations import SyntheticOracleNegatives, UniformConcretePlant, plant_shards
 
     shards = expand_shards([train_pattern])
     vocab_tag = "-corpusvocab" if settings.corpus_vocabulary else ""
-    out_dir = settings.out / "data" / f"planted-{generator_name}-k{settings.hn_num}{vocab_tag}-seed{seed}"
+    kind_weights = parse_kind_weights(settings.hn_kind_weights)
+    weights_tag = "".join(f"-{kind}{weight:g}" for kind, weight in sorted((kind_weights or {}).items()))
+    name = f"planted-{generator_name}-k{settings.hn_num}{vocab_tag}{weights_tag}-seed{seed}"
+    out_dir = settings.out / "data" / name
     started = time.perf_counter()
     todo = [s for s in shards if not is_done(s, out_dir)]
     if todo:
@@ -314,9 +318,13 @@ def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern
         if generator_name == "synthetic-oracle":
             generator: Any = SyntheticOracleNegatives.from_shards(shards, settings.hn_num, seed)
         elif generator_name == "concreteplant-uniform":
-            generator = UniformConcretePlant(num_negatives=settings.hn_num, seed=seed, vocabulary=vocabulary)
+            generator = UniformConcretePlant(
+                num_negatives=settings.hn_num, seed=seed, vocabulary=vocabulary, kind_weights=kind_weights
+            )
         else:
-            generator = ConcretePlant(num_negatives=settings.hn_num, seed=seed, vocabulary=vocabulary)
+            generator = ConcretePlant(
+                num_negatives=settings.hn_num, seed=seed, vocabulary=vocabulary, kind_weights=kind_weights
+            )
         counts = plant_shards(generator, todo, out_dir)
         logger.info("planted %s (seed %d): %s", generator_name, seed, counts)
     pattern = str(out_dir / Path(train_pattern).name)  # same shard names, brace pattern and all
@@ -783,6 +791,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     p.add_argument("--hn-num", type=positive_int, default=3, help="K, hard negatives per caption (default 3)")
     p.add_argument(
+        "--hn-kind-weights",
+        default=None,
+        metavar="KIND=WEIGHT,...",
+        help="ConcretePlant's (and the uniform draw's) weight of each kind when planting, e.g. "
+        "swap_attributes=4 (unnamed kinds keep 1; default: all 1); the planted folders are named by it",
+    )
+    p.add_argument(
         "--open-vocabulary",
         action="store_true",
         help="let ConcretePlant draw replacement words from its open vocabulary "
@@ -864,6 +879,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         hard_weight=args.cement_hard_weight,
         hard_margin_difficulty=args.cement_hard_margin_difficulty,
         hard_columns=args.cement_hard_columns,
+        hn_kind_weights=args.hn_kind_weights,
         threads=args.threads,
         quick=args.quick,
         keep_going=args.keep_going,
@@ -886,6 +902,17 @@ def check_settings(settings: Settings) -> None:
         raise ValueError(f"--warmup must be >= 0, got {settings.warmup}")
     if not (math.isfinite(settings.hard_weight) and settings.hard_weight >= 0):
         raise ValueError(f"--cement-hard-weight must be a finite number >= 0, got {settings.hard_weight}")
+    if settings.hn_kind_weights is not None:
+        from slipform_plugin.concreteplant import parse_kind_weights
+        from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
+
+        weights = parse_kind_weights(settings.hn_kind_weights) or {}  # raises naming --hn-kind-weights
+        unknown = sorted(set(weights) - set(HARD_NEGATIVE_KINDS))
+        if unknown or any(not (math.isfinite(w) and w >= 0) for w in weights.values()):
+            raise ValueError(
+                f"--hn-kind-weights: expected KIND=WEIGHT with KIND in {', '.join(HARD_NEGATIVE_KINDS)} and "
+                f"WEIGHT >= 0, got {settings.hn_kind_weights!r}"
+            )
     if settings.hard_columns == "separate" and settings.hard_weight == 0.0:
         raise ValueError(
             "--cement-hard-columns separate needs --cement-hard-weight > 0 (the hard negatives would enter no term)"
