@@ -94,13 +94,13 @@ SLIPFORM_RECOMMENDED_CEMENT_ARGS="--cement-hard-margin-difficulty --cement-margi
 slipform_pretrain_args() {
     local cement_args=${CEMENT_ARGS-recommended}
     local -a cement_words=()
-    if [[ "$cement_args" == recommended ]]; then
-        cement_args=$SLIPFORM_RECOMMENDED_CEMENT_ARGS
-    fi
     if [[ "$LOSS" == cement ]]; then
+        if [[ "$cement_args" == recommended ]]; then
+            cement_args=$SLIPFORM_RECOMMENDED_CEMENT_ARGS
+        fi
         read -ra cement_words <<< "$cement_args"
-    elif [[ -n "${CEMENT_ARGS:-}" && "$CEMENT_ARGS" != recommended ]]; then
-        echo "CEMENT_ARGS is set ('$CEMENT_ARGS') but LOSS=$LOSS: Cement's flags need LOSS=cement" >&2
+    elif [[ -n "$cement_args" && "$cement_args" != recommended ]]; then
+        echo "CEMENT_ARGS is set ('$cement_args') but LOSS=$LOSS: Cement's flags need LOSS=cement" >&2
         exit 2
     fi
     train_args=(

@@ -189,7 +189,6 @@ def test_configs_differ_only_where_they_should():
     assert all(flag not in configs[name].flags for name in ("a", "b") for flag in cement_flags)
     gated = build_configs(0.1, 0.05, "hn-accuracy")["c"].flags
     assert gated[gated.index("--cement-margin-gate") + 1] == "hn-accuracy"
-    # lambda = 0 and the constant margin leave their flags out.
     # lambda = 0, the constant margin and the joint columns (the loss's defaults) leave their flags out.
     plain = build_configs(0.1, 0.05, "none", 0.0, hard_margin_difficulty=False, hard_columns="joint")
     for name in ("c", "d", "e1", "e2", "o"):

@@ -9,12 +9,19 @@ draws every replacement word from a training corpus.
 from __future__ import annotations
 
 from slipform_plugin.concreteplant.corpus import corpus_vocabulary, read_vocabulary_file, write_vocabulary_file
-from slipform_plugin.concreteplant.plant import ConcretePlant, create_from_args, parse_kind_weights, parse_kinds
+from slipform_plugin.concreteplant.plant import (
+    ConcretePlant,
+    check_kind_weights,
+    create_from_args,
+    parse_kind_weights,
+    parse_kinds,
+)
 from slipform_plugin.hard_negatives import HardNegative
 
 __all__ = [
     "ConcretePlant",
     "HardNegative",
+    "check_kind_weights",
     "corpus_vocabulary",
     "create_from_args",
     "parse_kind_weights",

@@ -46,6 +46,20 @@ def parse_kind_weights(text: str | Mapping[str, float] | None) -> dict[str, floa
     return weights or None
 
 
+def check_kind_weights(kind_weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Every kind's sampling weight: 1 unless ``kind_weights`` names it. Raises ``ValueError`` for a key that
+    is not a kind or a weight below 0."""
+    weights = sampling.default_kind_weights()
+    if kind_weights:
+        unknown = sorted(set(kind_weights) - set(HARD_NEGATIVE_KINDS))
+        if unknown:
+            raise ValueError(f"ConcretePlant: kind_weights keys must be in {HARD_NEGATIVE_KINDS}, got {unknown}")
+        weights.update({k: float(v) for k, v in kind_weights.items()})
+    if any(v < 0 for v in weights.values()):
+        raise ValueError(f"ConcretePlant: kind_weights must be >= 0, got {weights}")
+    return weights
+
+
 class ConcretePlant:
     """Concreteness-ranked hard negatives for image captions.
 
@@ -79,15 +93,7 @@ class ConcretePlant:
         self.seed = int(seed)
         self.kinds = parse_kinds(kinds)
         self.spacy_model = spacy_model or None
-        weights = sampling.default_kind_weights()
-        if kind_weights:
-            unknown = sorted(set(kind_weights) - set(HARD_NEGATIVE_KINDS))
-            if unknown:
-                raise ValueError(f"ConcretePlant: kind_weights keys must be in {HARD_NEGATIVE_KINDS}, got {unknown}")
-            weights.update({k: float(v) for k, v in kind_weights.items()})
-        if any(v < 0 for v in weights.values()):
-            raise ValueError(f"ConcretePlant: kind_weights must be >= 0, got {weights}")
-        self.kind_weights = weights
+        self.kind_weights = check_kind_weights(kind_weights)
         self.vocabulary: frozenset[str] | None = corpus.as_vocabulary(vocabulary, "ConcretePlant: vocabulary")
         self.stats: Counter = Counter()
         self._nlp: Any = None

@@ -903,12 +903,15 @@ def check_settings(settings: Settings) -> None:
     if not (math.isfinite(settings.hard_weight) and settings.hard_weight >= 0):
         raise ValueError(f"--cement-hard-weight must be a finite number >= 0, got {settings.hard_weight}")
     if settings.hn_kind_weights is not None:
-        from slipform_plugin.concreteplant import parse_kind_weights
+        from slipform_plugin.concreteplant import check_kind_weights, parse_kind_weights
         from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
 
         weights = parse_kind_weights(settings.hn_kind_weights) or {}  # raises naming --hn-kind-weights
-        unknown = sorted(set(weights) - set(HARD_NEGATIVE_KINDS))
-        if unknown or any(not (math.isfinite(w) and w >= 0) for w in weights.values()):
+        try:
+            valid = all(math.isfinite(w) for w in check_kind_weights(weights).values())
+        except ValueError:  # a key that is not a kind, or a weight below 0
+            valid = False
+        if not valid:
             raise ValueError(
                 f"--hn-kind-weights: expected KIND=WEIGHT with KIND in {', '.join(HARD_NEGATIVE_KINDS)} and "
                 f"WEIGHT >= 0, got {settings.hn_kind_weights!r}"
