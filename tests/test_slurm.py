@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, ensure_slurm
 
+from slipform_plugin.recommended import RECOMMENDED_CEMENT_FLAGS
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,10 +458,7 @@ def _launched_args(tmp_path: Path, **knobs: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)  # fmt: skip
 
 
-RECOMMENDED = (
-    "--cement-hard-margin-difficulty --cement-margin-hard 0.2 --cement-margin-batch 0.1 "
-    "--cement-hard-columns separate --cement-hard-weight 1"
-)
+RECOMMENDED = " ".join(RECOMMENDED_CEMENT_FLAGS)
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,7 @@ from typing import Any
 from slipform_plugin._argtypes import positive_int
 from slipform_plugin.evaluation.compare import format_stat, mean_sd
 from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
+from slipform_plugin.recommended import RECOMMENDED_CEMENT
 from slipform_plugin.synthetic.scene import WORLDS, get_world
 
 logger = logging.getLogger("slipform")
@@ -73,13 +74,14 @@ WORLD = "pair-relations"
 #: Cement's settings in every Cement configuration unless the experiment's flags say otherwise (README, Evidence:
 #: session 9's variants): margins at full strength from the first step (no gate), each concreteness margin scaled
 #: by its pair's difficulty, mu_h 0.2, mu_b 0.1, and the hard negatives in the hard-negative term only, at
-#: lambda 1 (session 12; sessions 9 to 12 ran c with the hard negatives as joint columns and lambda 0.5)
+#: lambda 1 (session 12; sessions 9 to 12 ran c with the hard negatives as joint columns and lambda 0.5): README's
+#: recommendation, slipform_plugin.recommended
 MARGIN_GATE = "none"
-HARD_MARGIN_DIFFICULTY = True
-MARGIN_HARD = 0.2
-MARGIN_BATCH = 0.1
-HARD_WEIGHT = 1.0
-HARD_COLUMNS = "separate"
+HARD_MARGIN_DIFFICULTY: bool = RECOMMENDED_CEMENT["hard_margin_difficulty"]
+MARGIN_HARD: float = RECOMMENDED_CEMENT["margin_hard"]
+MARGIN_BATCH: float = RECOMMENDED_CEMENT["margin_batch"]
+HARD_WEIGHT: float = RECOMMENDED_CEMENT["hard_weight"]
+HARD_COLUMNS: str = RECOMMENDED_CEMENT["hard_columns"]
 ALL_CONFIGS: tuple[str, ...] = ("a", "b", "c", "d", "e1", "e2")
 #: configurations run only when named in --configs
 EXTRA_CONFIGS: tuple[str, ...] = ("o",)

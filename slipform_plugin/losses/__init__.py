@@ -26,10 +26,12 @@ from slipform_plugin.losses.reference import (
     hard_negative_wins,
     hard_pair_difficulty,
 )
+from slipform_plugin.recommended import RECOMMENDED_CEMENT
 
 __all__ = [
     "HARD_COLUMNS",
     "MARGIN_GATES",
+    "RECOMMENDED_CEMENT",
     "CementLoss",
     "InfoNCELoss",
     "cement_loss_reference",
