@@ -69,3 +69,27 @@ def test_readme_writes_the_recommendation_where_it_names_it():
     keywords = ", ".join(f"{name}={value!r}" for name, value in RECOMMENDED_CEMENT.items())
     assert "CementLoss(**RECOMMENDED_CEMENT) # " in text  # the Python form, spelled out in its comment lines
     assert f"CementLoss({keywords})" in re.sub(r" # ", " ", text)
+
+
+def test_readme_own_loop_example_runs():
+    """README's "Cement in your own training loop" block runs as written on one process."""
+    import torch
+
+    section = (ROOT / "README.md").read_text().split("## Cement in your own training loop", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    batch, negatives, dim = 5, 3, 8
+    image = torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1).requires_grad_()
+    scope = {
+        "rank": 0,
+        "world_size": 1,
+        "image_features": image,
+        "text_features": torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1),
+        "logit_scale": torch.tensor(2.0),
+        "hn": torch.nn.functional.normalize(torch.randn(batch, negatives, dim), dim=-1),
+        "scores": torch.rand(batch, negatives),
+        "mask": torch.rand(batch, negatives) > 0.3,
+    }
+    exec(code, scope)  # README's own code
+    assert scope["loss_fn"].hard_columns == "separate" and torch.isfinite(scope["loss"])
+    assert image.grad is not None and image.grad.abs().sum() > 0
