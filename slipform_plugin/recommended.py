@@ -13,6 +13,7 @@ The experiment's (c) runs them, ``launch_slurm``'s ``CEMENT_ARGS=recommended`` e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
@@ -41,7 +42,7 @@ _FLAG_OF: Final = MappingProxyType(
 )
 
 
-def cement_flags(settings: MappingProxyType | dict[str, object]) -> tuple[str, ...]:
+def cement_flags(settings: Mapping[str, object]) -> tuple[str, ...]:
     """``open_clip_train.main`` arguments that give ``CementLoss(**settings)``.
 
     Args:
