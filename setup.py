@@ -9,6 +9,7 @@ it into the editable wheel) carry it, and ``pip uninstall`` removes it.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -16,6 +17,12 @@ from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
 HERE = Path(__file__).parent
+
+# This tree's top-level ``kernels/`` (installed as slipform_plugin.kernels) must not shadow the unrelated PyPI
+# package ``kernels`` (Hugging Face's, a dependency of recent transformers) while setuptools runs: that package
+# registers an ``egg_info.writers`` entry point (``kernels._internals.locking``) which egg_info imports, and
+# setuptools' legacy backend puts this directory first on sys.path. Nothing here imports from this directory.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE.resolve()]
 PTH_NAME = "slipform_plugin.pth"
 PTH_CONTENT = "import slipform_plugin._bootstrap\n"
 

@@ -55,13 +55,45 @@ class _PatchingLoader:
         return getattr(self._loader, name)
 
 
+def _is_slipform_checkout(entry: str) -> bool:
+    """Whether ``entry`` (a ``sys.path`` item; ``""`` is the working directory) is a Slipform source tree."""
+    root = os.path.abspath(entry or os.curdir)
+    return os.path.isfile(os.path.join(root, "kernels", "triton_cement.py")) and os.path.isdir(
+        os.path.join(root, "slipform_plugin")
+    )
+
+
+def _installed_kernels_spec():
+    """The spec of an installed top-level ``kernels`` outside every Slipform checkout on ``sys.path``, or None.
+
+    A checkout's ``kernels/`` is installed as ``slipform_plugin.kernels``; the top-level name belongs to an
+    unrelated PyPI package (Hugging Face's ``kernels``, which transformers imports). Python run from a
+    checkout (``torchrun -m open_clip_train.main`` in the repository root) has the checkout first on
+    ``sys.path``, where ``kernels/`` would shadow that package. None when no checkout is on ``sys.path`` or
+    no other ``kernels`` is installed: the import then resolves as it always would.
+    """
+    try:
+        from importlib.machinery import PathFinder
+
+        entries = [entry for entry in sys.path if isinstance(entry, str)]
+        others = [entry for entry in entries if not _is_slipform_checkout(entry)]
+        if len(others) == len(entries):
+            return None
+        return PathFinder.find_spec("kernels", others)
+    except Exception:
+        return None
+
+
 class SlipformFinder:
-    """A ``sys.meta_path`` finder that only wraps the loaders of OpenCLIP's hooked modules."""
+    """A ``sys.meta_path`` finder that only wraps the loaders of OpenCLIP's hooked modules (and keeps a source
+    checkout's ``kernels/`` from shadowing an installed top-level ``kernels``)."""
 
     _busy = False
 
     @classmethod
     def find_spec(cls, fullname: str, path=None, target=None):
+        if fullname == "kernels" and path is None:
+            return _installed_kernels_spec()
         if fullname not in _TARGETS or cls._busy:
             return None
         cls._busy = True

@@ -97,6 +97,60 @@ def test_regular_install_ships_pth_and_kernels_under_the_package(tmp_path):
     assert path.startswith(str(target)) and finder == "True"
 
 
+@pytest.fixture
+def installed_kernels(tmp_path) -> Path:
+    """A site directory holding a stand-in for the unrelated PyPI package ``kernels`` (Hugging Face's): a
+    top-level ``kernels`` module and, like the real one, an ``egg_info.writers`` entry point into
+    ``kernels._internals``, which setuptools imports while it builds any package."""
+    site = tmp_path / "other-site"
+    internals = site / "kernels" / "_internals"
+    internals.mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("INSTALLED = True\n")
+    (internals / "__init__.py").write_text("")
+    (internals / "locking.py").write_text("def write_egg_lockfile(cmd, basename, filename):\n    pass\n")
+    info = site / "kernels-9.9.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 9.9\n")
+    (info / "entry_points.txt").write_text(
+        "[egg_info.writers]\nkernels.lock = kernels._internals.locking:write_egg_lockfile\n"
+    )
+    return site
+
+
+def test_checkout_kernels_dir_does_not_shadow_an_installed_kernels(installed_kernels):
+    """Python run in the checkout (sys.path[0] = its root) imports the installed top-level ``kernels``, not the
+    checkout's ``kernels/`` (which is slipform_plugin.kernels); without the bootstrap the checkout's would win."""
+    code = "import kernels, slipform_plugin.kernels as ours; print(kernels.__file__); print(ours.__file__)"
+    env = {"PYTHONPATH": str(installed_kernels)}
+    result = run_python(code, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    installed, ours = result.stdout.split()
+    assert installed == str(installed_kernels / "kernels" / "__init__.py")
+    assert ours == str(ROOT / "kernels" / "__init__.py")
+    disabled = run_python("import kernels; print(kernels.__file__)", env={**env, "SLIPFORM_DISABLE": "1"}, cwd=ROOT)
+    assert disabled.stdout.strip() == str(ROOT / "kernels" / "__init__.py")  # what the bootstrap prevents
+    alone = run_python("import kernels; print(kernels.__file__)", cwd=ROOT)  # nothing else installed: unchanged
+    assert alone.stdout.strip() == str(ROOT / "kernels" / "__init__.py")
+
+
+def test_install_builds_beside_an_installed_kernels(tmp_path, installed_kernels):
+    """setuptools imports every ``egg_info.writers`` entry point while it builds; the checkout's ``kernels/``
+    must not stand in for the installed package's (setup.py takes its own directory off sys.path)."""
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__", "runs", "logs"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(tmp_path / "site"), str(source)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(installed_kernels)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "site" / "slipform_plugin" / "kernels" / "triton_cement.py").exists()
+
+
 def test_patch_round_trip_on_a_copy(tmp_path):
     site_packages = Path(sysconfig.get_paths()["purelib"])
     for package in ("open_clip", "open_clip_train"):
