@@ -188,6 +188,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the in-batch rows are CLIP's (needs --cement-hard-weight > 0) (default: %(default)s).",
     )
     group.add_argument(
+        "--cement-text-weight",
+        type=float,
+        default=CEMENT_DEFAULTS["text_weight"],
+        help="lambda_t (>= 0): weight of the caption-separation term, which asks a caption and its own hard "
+        "negative to be at most 1 - mu_t * score alike in the text tower's space (default: %(default)s, off).",
+    )
+    group.add_argument(
+        "--cement-text-margin",
+        type=float,
+        default=CEMENT_DEFAULTS["text_margin"],
+        help="mu_t in [0, 2]: the text-side separation of --cement-text-weight asked of a negative with "
+        "concreteness score 1 (default: %(default)s).",
+    )
+    group.add_argument(
         "--seed-sample-shuffle",
         action="store_true",
         default=False,
@@ -254,6 +268,10 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--loss {args.loss} does not support --horovod; use torchrun or srun")
     if not (math.isfinite(args.cement_hard_weight) and args.cement_hard_weight >= 0):
         parser.error(f"--cement-hard-weight must be a finite number >= 0, got {args.cement_hard_weight}")
+    if not (math.isfinite(args.cement_text_weight) and args.cement_text_weight >= 0):
+        parser.error(f"--cement-text-weight must be a finite number >= 0, got {args.cement_text_weight}")
+    if not (math.isfinite(args.cement_text_margin) and 0 <= args.cement_text_margin <= 2):
+        parser.error(f"--cement-text-margin must be in [0, 2] (a cosine separation), got {args.cement_text_margin}")
     if not args.cement_difficulty_temperature > 0:
         parser.error(f"--cement-difficulty-temperature must be > 0, got {args.cement_difficulty_temperature}")
     if args.cement_hard_difficulty_warmup < 0:

@@ -323,6 +323,11 @@ def test_synthetic_benchmark_metrics(tmp_path, checkpoint, direct):
         assert res["hard"][kind]["accuracy"] == pytest.approx(np.mean(correct))
         held = [c for c, it in zip(correct, items) if it.meta["scene"]["heldout"]]
         assert res["hard"][kind]["accuracy_heldout"] == pytest.approx(np.mean(held))
+        assert res["hard"][kind]["image_gap"] == pytest.approx(np.mean(margins), abs=1e-5)
+        cosines = [
+            float(direct.text_feature(it.caption) @ direct.text_feature(it.hard[kind]["caption"])) for it in items
+        ]
+        assert res["hard"][kind]["text_cosine"] == pytest.approx(np.mean(cosines), abs=1e-5)
     by_attr = res["hard"]["attribute_swap"]["by_attribute"]
     assert sum(v["n"] for v in by_attr.values()) == 24
     assert set(by_attr) <= {"size", "colour", "material", "texture"}

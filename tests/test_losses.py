@@ -259,6 +259,10 @@ def test_margin_gate_settings_are_checked():
 # Two gloo processes: equal to OpenCLIP's ClipLoss at K = 0, and to the single-process loss with negatives.
 
 
+#: caption separation with thresholds low enough that random features (cosine about 0) activate some hinges
+CAPTION_SEPARATION = dict(text_weight=2.0, text_margin=1.5, hard_columns="separate", hard_weight=1.0)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -280,11 +284,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 ("clip", ClipLoss(**kwargs)),
                 ("infonce", InfoNCELoss(impl="chunked", **kwargs)),
                 ("cement", CementLoss(impl="reference", **kwargs)),
+                ("cement-text", CementLoss(impl="reference", **CAPTION_SEPARATION, **kwargs)),
             ]:
                 i = image[rows].detach().clone().requires_grad_()
                 t = text[rows].detach().clone().requires_grad_()
                 h = hard[rows].detach().clone().requires_grad_()
-                if name == "cement":
+                if name.startswith("cement"):
                     loss = loss_fn(i, t, 10.0, None, h, scores[rows], mask[rows])
                     loss.backward()
                     grad_h = h.grad
@@ -312,27 +317,29 @@ def test_two_processes_equal_clip_loss_and_single_process(tmp_path):
         assert p.exitcode == 0
     results = {r: torch.load(tmp_path / f"rank{r}.pt") for r in range(world)}
     image, text, hard, scores, mask = features(4 * world, 8, negatives=2, seed=3)
-    single = CementLoss(impl="reference")(image, text, 10.0, None, hard, scores, mask)
-    single_grads = grads(single, image, text, hard)
     for rank in range(world):
-        rows = slice(rank * 4, (rank + 1) * 4)
         for local_loss, gather_with_grad in [(False, False), (True, True), (False, True)]:
             clip = results[rank][("clip", local_loss, gather_with_grad)]
             infonce = results[rank][("infonce", local_loss, gather_with_grad)]
             for got, expected in zip(infonce[:3], clip[:3]):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-            cement = results[rank][("cement", local_loss, gather_with_grad)]
-            if not local_loss:  # the global loss on every rank is the single-process loss
-                torch.testing.assert_close(cement[0], single.detach(), rtol=1e-5, atol=1e-6)
-    # Local losses average to the global one; DDP's averaged gradients equal the single-process gradients.
-    local = [results[r][("cement", True, True)] for r in range(world)]
-    torch.testing.assert_close(sum(x[0] for x in local) / world, single.detach(), rtol=1e-5, atol=1e-6)
-    for rank in range(world):
-        rows = slice(rank * 4, (rank + 1) * 4)
-        # with gather_with_grad, each rank's feature gradient is summed over ranks by the all_gather backward
-        torch.testing.assert_close(local[rank][1] / world, single_grads[0][rows], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(local[rank][2] / world, single_grads[1][rows], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(local[rank][3] / world, single_grads[2][rows], rtol=1e-4, atol=1e-6)
+    for name, settings in (("cement", {}), ("cement-text", CAPTION_SEPARATION)):
+        single = CementLoss(impl="reference", **settings)(image, text, 10.0, None, hard, scores, mask)
+        single_grads = grads(single, image, text, hard)
+        for rank in range(world):
+            for local_loss, gather_with_grad in [(False, False), (False, True)]:
+                # the global loss on every rank is the single-process loss
+                got = results[rank][(name, local_loss, gather_with_grad)][0]
+                torch.testing.assert_close(got, single.detach(), rtol=1e-5, atol=1e-6)
+        # Local losses average to the global one; DDP's averaged gradients equal the single-process gradients.
+        local = [results[r][(name, True, True)] for r in range(world)]
+        torch.testing.assert_close(sum(x[0] for x in local) / world, single.detach(), rtol=1e-5, atol=1e-6)
+        for rank in range(world):
+            rows = slice(rank * 4, (rank + 1) * 4)
+            # with gather_with_grad, each rank's feature gradient is summed over ranks by the all_gather backward
+            torch.testing.assert_close(local[rank][1] / world, single_grads[0][rows], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(local[rank][2] / world, single_grads[1][rows], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(local[rank][3] / world, single_grads[2][rows], rtol=1e-4, atol=1e-6)
 
 
 def test_margin_gate_flag_reaches_the_loss():
@@ -611,3 +618,104 @@ def test_hard_columns_are_checked_and_reach_the_loss():
         validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags[:2]]))
     assert "expected --cement-hard-weight > 0, got 0.0" in errors[0]
     validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags]))  # accepted
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    ("hard_columns", "hard_weight", "difficulty"), [("joint", 0.0, False), ("separate", 1.0, True)]
+)
+def test_caption_separation_term_adds_the_text_side_hinge(impl, hard_columns, hard_weight, difficulty):
+    """text_weight: loss += lambda_t s sum_ik v_ik max(0, y_i.h_ik - (1 - mu_t c_ik)) / (2B), with the raw c_ik."""
+    image, text, _, scores, mask = features(7, 10, negatives=3, seed=21, requires_grad=False)
+    generator = torch.Generator().manual_seed(22)
+    # Negatives near their captions (like swaps, cosine about 0.9 to 1), so that most hinges are active.
+    noise = torch.randn(7, 3, 10, generator=generator) * torch.tensor([0.05, 0.3, 2.0])[None, :, None]
+    hard = F.normalize(text[:, None] + noise, dim=-1).requires_grad_()
+    image, text = image.requires_grad_(), text.requires_grad_()
+    mask[0] = False
+    scale = torch.tensor(12.0, requires_grad=True)
+    lam_t, mu_t = 1.5, 0.3
+    settings = dict(
+        margin_hard=0.2,
+        margin_batch=0.1,
+        hard_weight=hard_weight,
+        hard_columns=hard_columns,
+        hard_margin_difficulty=difficulty,
+        impl=impl,
+    )
+    args = (image, text, scale, None, hard, scores, mask)
+    loss = CementLoss(**settings, text_weight=lam_t, text_margin=mu_t)(*args)
+    base = CementLoss(**settings)(*args)
+    cosine = torch.einsum("bd,bkd->bk", text, hard)
+    excess = torch.relu(cosine - (1 - mu_t * scores)).masked_fill(~mask, 0.0)
+    active = int((excess > 0).sum())
+    assert 0 < active < int(mask.sum())  # some hinges on, some off: the test sees both sides
+    expected = base + lam_t * scale.detach() * excess.sum() / (2 * 7)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads(loss, image, text, hard, scale), grads(expected, image, text, hard, scale)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # The term's own gradient, by hand: d/dy_i = c sum_k a_ik h_ik, d/dh_ik = c a_ik y_i, c = lam_t s / (2B).
+    term = CementLoss(**settings, text_weight=lam_t, text_margin=mu_t)(*args) - CementLoss(**settings)(*args)
+    on = (excess > 0).float()
+    coefficient = lam_t * 12.0 / 14
+    grad_text, grad_hard, grad_scale = grads(term, text, hard, scale)
+    torch.testing.assert_close(
+        grad_text, coefficient * torch.einsum("bk,bkd->bd", on, hard.detach()), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(grad_hard, coefficient * on[..., None] * text.detach()[:, None], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_scale, torch.zeros(()), atol=1e-5, rtol=0)  # s is detached in the term
+
+
+def test_caption_separation_term_is_zero_for_separated_or_masked_negatives():
+    image, text, _, scores, mask = features(5, 6, negatives=2, seed=3, requires_grad=False)
+    far = F.normalize(-text[:, None].expand(5, 2, 6).clone(), dim=-1)  # cosine -1: below every threshold
+    near = text[:, None].expand(5, 2, 6).clone()  # cosine 1: above every threshold with a score > 0
+    plain = CementLoss(impl="reference")
+    with_term = CementLoss(impl="reference", text_weight=3.0, text_margin=0.5)
+    scores = scores.clamp_min(0.1)
+    for hard, expected_zero in ((far, True), (near, False)):
+        extra = with_term(image, text, 10.0, None, hard, scores, mask) - plain(
+            image, text, 10.0, None, hard, scores, mask
+        )
+        assert (abs(float(extra)) < 1e-6) == expected_zero
+    none_real = torch.zeros_like(mask)
+    extra = with_term(image, text, 10.0, None, near, scores, none_real) - plain(
+        image, text, 10.0, None, near, scores, none_real
+    )
+    assert abs(float(extra)) < 1e-6
+    # Without hard negatives the term is absent and the loss is CLIP's.
+    torch.testing.assert_close(with_term(image, text, 10.0), plain(image, text, 10.0))
+
+
+def test_caption_separation_settings_are_checked_and_reach_the_loss():
+    import argparse
+
+    from slipform_plugin.integration import add_arguments, validate_args
+    from slipform_plugin.losses import create_cement_loss
+
+    with pytest.raises(ValueError, match=re.escape("text_weight must be a finite number >= 0, got -1")):
+        CementLoss(text_weight=-1)
+    with pytest.raises(ValueError, match=re.escape("text_margin must be in [0, 2] (a cosine separation), got 2.5")):
+        CementLoss(text_margin=2.5)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    loss = create_cement_loss(parser.parse_args(["--cement-text-weight", "0.5", "--cement-text-margin", "0.4"]))
+    assert (loss.text_weight, loss.text_margin) == (0.5, 0.4)
+    assert create_cement_loss(parser.parse_args([])).text_weight == 0.0
+
+    errors = []
+
+    class Recorder(argparse.ArgumentParser):
+        def error(self, message):
+            errors.append(message)
+            raise SystemExit(2)
+
+    recorder = Recorder()
+    add_arguments(recorder)
+    for flags, message in (
+        (["--cement-text-weight", "nan"], "--cement-text-weight must be a finite number >= 0, got nan"),
+        (["--cement-text-margin", "-0.1"], "--cement-text-margin must be in [0, 2] (a cosine separation), got -0.1"),
+    ):
+        with pytest.raises(SystemExit):
+            validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags]))
+        assert message in errors[-1]

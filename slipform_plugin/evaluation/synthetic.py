@@ -7,6 +7,9 @@ Metrics (all from the test split's stored metadata):
   is the fraction of items whose true caption beats all six hard captions at once; attribute swap and replace
   are also broken down by the attribute that changed (``by_attribute``). Attribute swap against
   attribute replace is the bag-of-words test: a model that ignores binding does well on replace only.
+  Each kind also reports ``text_cosine``, the mean cosine of the true and the hard caption in the text
+  tower's own space (near 1 when the text tower cannot tell them apart, whatever the image tower sees), and
+  ``image_gap``, the mean of ``x.y - x.h`` over the items (how far, in cosine, the image prefers its caption).
 - ``retrieval``: image-to-text and text-to-image R@1 and R@5 over the test images and their true captions
   (a retrieved caption or image counts when its caption text equals the query's, so duplicates are fair).
 - ``zero_shot``: shape and colour classification of the subject alone (its objects re-rendered from the stored
@@ -193,8 +196,13 @@ def evaluate_synthetic(encoder: Encoder, samples: list[dict[str, Any]]) -> dict[
         ]
         correct = choice_correct(encoder, items)
         all_correct &= correct
+        true_feats = encoder.texts([s["caption"] for s in samples]).numpy()
+        hard_feats = encoder.texts([s["meta"]["hard"][kind]["caption"] for s in samples]).numpy()
+        image_feats = encoder.images(images).numpy()
         hard[kind] = {
             "accuracy": float(correct.mean()),
+            "text_cosine": float((true_feats * hard_feats).sum(1).mean()),
+            "image_gap": float((image_feats * (true_feats - hard_feats)).sum(1).mean()),
             "accuracy_seen": float(correct[~heldout].mean()) if (~heldout).any() else None,
             "accuracy_heldout": float(correct[heldout].mean()) if heldout.any() else None,
             "n": len(items),

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from slipform_plugin.kernels import cement_loss_unchecked, validate_inputs
 from slipform_plugin.losses.reference import (
+    caption_separation_term,
     cement_loss_reference,
     hard_negative_accuracy,
     hard_negative_term,
@@ -49,6 +50,8 @@ CEMENT_DEFAULTS: dict[str, float] = {
     "difficulty_offset": 0.0,
     "difficulty_temperature": 0.05,
     "hard_weight": 0.0,
+    "text_weight": 0.0,
+    "text_margin": 0.2,
 }
 
 
@@ -121,6 +124,13 @@ class CementLoss(nn.Module):
             ``hard_weight > 0``. ``"separate"``: they enter ``H_i`` only, so the in-batch rows and columns are
             those of CLIP (with the difficulty margin) and a raised hard-negative logit takes no share of the
             retrieval softmax; needs ``hard_weight > 0``.
+        text_weight: ``lambda_t`` (>= 0), weight of the caption-separation term ``S_i``
+            (:func:`~slipform_plugin.losses.reference.caption_separation_term`): in the text tower's own space a
+            caption and its hard negative may be at most ``1 - mu_t * score`` alike, so captions with the same
+            words in another order are pulled apart before the image tower can tell them apart. The term adds
+            ``lambda_t * s * sum_i S_i / (2B)`` (``s`` detached, so it is in the units of the other terms).
+            0 (the default) leaves it out.
+        text_margin: ``mu_t`` in [0, 2], the text-side separation asked of a negative with score 1.
 
     ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
     hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
@@ -152,6 +162,8 @@ class CementLoss(nn.Module):
         hard_difficulty_offset: float | None = None,
         hard_difficulty_warmup: int = 0,
         hard_columns: str = "joint",
+        text_weight: float = CEMENT_DEFAULTS["text_weight"],
+        text_margin: float = CEMENT_DEFAULTS["text_margin"],
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -219,6 +231,12 @@ class CementLoss(nn.Module):
                 f"expected hard_weight > 0 (got {hard_weight!r})"
             )
         self.hard_columns = hard_columns
+        if not (math.isfinite(float(text_weight)) and text_weight >= 0):
+            raise ValueError(f"CementLoss: text_weight must be a finite number >= 0, got {text_weight!r}")
+        if not (math.isfinite(float(text_margin)) and 0.0 <= text_margin <= 2.0):
+            raise ValueError(f"CementLoss: text_margin must be in [0, 2] (a cosine separation), got {text_margin!r}")
+        self.text_weight = float(text_weight)
+        self.text_margin = float(text_margin)
         self.calls_per_step = 1
         self.training_calls = 0  # training-mode forward calls so far (the warm-up's clock)
         self.gate_state = 0.0  # EMA of the excess hard-negative accuracy (used when margin_gate="hn-accuracy")
@@ -276,7 +294,8 @@ class CementLoss(nn.Module):
             f"world_size={self.world_size}, margin_gate={self.margin_gate!r}, "
             f"hard_margin_difficulty={self.hard_margin_difficulty}, "
             f"hard_difficulty_offset={self.hard_difficulty_offset}, "
-            f"hard_difficulty_warmup={self.hard_difficulty_warmup}, hard_columns={self.hard_columns!r}"
+            f"hard_difficulty_warmup={self.hard_difficulty_warmup}, hard_columns={self.hard_columns!r}, "
+            f"text_weight={self.text_weight}, text_margin={self.text_margin}"
         )
 
     def forward(
@@ -355,6 +374,7 @@ class CementLoss(nn.Module):
         else:
             all_image, all_text, local_size = image_features, text_features, batch
 
+        concreteness = hn_scores  # before any difficulty scaling: the caption-separation term's c_ik
         margin_hard = self.margin_hard * self.gate
         if self.hard_margin_difficulty and hn_text_features is not None and margin_hard != 0.0:
             rows = slice(local_start, local_start + local_size)
@@ -389,6 +409,12 @@ class CementLoss(nn.Module):
                 all_image[rows], all_text[rows], checked.scale, hn_text_features, hn_scores, hn_mask, margin_hard
             )
             loss = loss + self.hard_weight * hard_sum / (2 * local_size)
+        if self.text_weight > 0.0 and hn_text_features is not None and hn_text_features.shape[1] > 0:
+            rows = slice(local_start, local_start + local_size)
+            separation = caption_separation_term(
+                all_text[rows], hn_text_features, concreteness, hn_mask, self.text_margin
+            )
+            loss = loss + self.text_weight * checked.scale.detach().float() * separation / (2 * local_size)
         if self.training:
             self.training_calls += 1
         if image_features.dtype in (torch.float16, torch.bfloat16):
@@ -475,6 +501,8 @@ def create_cement_loss(args: Any) -> CementLoss:
         hard_difficulty_offset=getattr(args, "cement_hard_difficulty_offset", None),
         hard_difficulty_warmup=getattr(args, "cement_hard_difficulty_warmup", 0),
         hard_columns=getattr(args, "cement_hard_columns", "joint"),
+        text_weight=getattr(args, "cement_text_weight", CEMENT_DEFAULTS["text_weight"]),
+        text_margin=getattr(args, "cement_text_margin", CEMENT_DEFAULTS["text_margin"]),
     )
 
 

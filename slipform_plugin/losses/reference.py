@@ -241,3 +241,35 @@ def hard_negative_term(
     if hn_mask is not None:
         hard = hard.masked_fill(~hn_mask.bool(), float("-inf"))
     return (torch.logsumexp(torch.cat([positive, hard], dim=1), dim=1) - positive[:, 0]).sum()
+
+
+def caption_separation_term(
+    text_rows: Tensor,
+    hn_text_features: Tensor,
+    hn_scores: Tensor | None,
+    hn_mask: Tensor | None,
+    margin_text: float,
+) -> Tensor:
+    """Sum over rows of Cement's caption-separation term ``S_i`` (README, "The Cement loss"), by autograd.
+
+    ``S_i = sum_k v_ik max(0, y_i.h_ik - (1 - mu_t c_ik))``: a caption and its own hard negative may be at most
+    ``1 - mu_t c_ik`` alike in the text tower's own space, so that captions with the same words in another
+    order (swaps, which a bag-of-words text tower maps to almost the same vector) are pulled apart even before
+    the image tower can tell them apart. Negatives that change a word are usually far below the threshold and
+    cost nothing. It needs no image features and costs O(B K D).
+
+    Args:
+        text_rows: ``[B, D]`` the local rows' normalised caption features.
+        hn_text_features: ``[B, K, D]`` normalised hard-negative caption features.
+        hn_scores: ``[B, K]`` concreteness scores ``c_ik`` in [0, 1], or None (0: every threshold is 1).
+        hn_mask: ``[B, K]`` bool, True where a negative is real, or None (all real).
+        margin_text: ``mu_t`` in [0, 2], the separation asked of a negative with score 1.
+    Returns:
+        Scalar fp32 ``sum_i S_i``.
+    """
+    similarity = torch.einsum("bd,bkd->bk", text_rows.float(), hn_text_features.float())  # [B, K]
+    threshold = 1.0 - margin_text * (hn_scores.float() if hn_scores is not None else torch.zeros_like(similarity))
+    excess = torch.relu(similarity - threshold)
+    if hn_mask is not None:
+        excess = excess.masked_fill(~hn_mask.bool(), 0.0)
+    return excess.sum()
