@@ -202,6 +202,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "concreteness score 1 (default: %(default)s).",
     )
     group.add_argument(
+        "--cement-hard-unit-difference",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="In the hard-negative term of --cement-hard-columns separate, divide each hard pair's cosine gap by "
+        "the two captions' distance in text space (at least EPS): the image prefers its caption along the unit "
+        "direction between them (default: off).",
+    )
+    group.add_argument(
         "--seed-sample-shuffle",
         action="store_true",
         default=False,
@@ -272,6 +281,14 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--cement-text-weight must be a finite number >= 0, got {args.cement_text_weight}")
     if not (math.isfinite(args.cement_text_margin) and 0 <= args.cement_text_margin <= 2):
         parser.error(f"--cement-text-margin must be in [0, 2] (a cosine separation), got {args.cement_text_margin}")
+    unit = args.cement_hard_unit_difference
+    if unit is not None and not (math.isfinite(unit) and 0 < unit <= 2):
+        parser.error(f"--cement-hard-unit-difference must be a floor in (0, 2], got {unit}")
+    if unit is not None and args.cement_hard_columns != "separate":
+        parser.error(
+            "--cement-hard-unit-difference reshapes the separate hard-negative term; "
+            f"expected --cement-hard-columns separate, got {args.cement_hard_columns}"
+        )
     if not args.cement_difficulty_temperature > 0:
         parser.error(f"--cement-difficulty-temperature must be > 0, got {args.cement_difficulty_temperature}")
     if args.cement_hard_difficulty_warmup < 0:

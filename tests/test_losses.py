@@ -719,3 +719,72 @@ def test_caption_separation_settings_are_checked_and_reach_the_loss():
         with pytest.raises(SystemExit):
             validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags]))
         assert message in errors[-1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hard_unit_difference_divides_each_hard_gap_by_the_captions_distance(impl):
+    """hard_unit_difference=eps: H_i = log(1 + sum_k exp(s x.(h - y) / max(|h - y|, eps) + margin)), norm detached."""
+    image, text, _, scores, mask = features(8, 10, negatives=3, seed=31, requires_grad=False)
+    generator = torch.Generator().manual_seed(32)
+    noise = torch.randn(8, 3, 10, generator=generator) * torch.tensor([0.01, 0.2, 1.0])[None, :, None]
+    hard = F.normalize(text[:, None] + noise, dim=-1).requires_grad_()  # distances below and above the floor
+    image, text = image.requires_grad_(), text.requires_grad_()
+    mask[1] = False
+    scale = torch.tensor(14.0, requires_grad=True)
+    eps, mu, lam = 0.1, 0.2, 1.0
+    loss = CementLoss(
+        margin_hard=mu, margin_batch=0.0, hard_weight=lam, hard_columns="separate", hard_unit_difference=eps, impl=impl
+    )(image, text, scale, None, hard, scores, mask)
+    distance = (hard - text[:, None]).norm(dim=-1).detach()
+    assert (distance < eps).any() and (distance > eps).any()
+    gap = torch.einsum("bd,bkd->bk", image, hard) - (image * text).sum(-1, keepdim=True)
+    logits = (scale * gap / distance.clamp_min(eps) + 14.0 * mu * scores).masked_fill(~mask, -torch.inf)
+    own = torch.logsumexp(torch.cat([torch.zeros(8, 1), logits], 1), 1)
+    labels = torch.arange(8)
+    expected = (
+        F.cross_entropy(scale * image @ text.T, labels)
+        + F.cross_entropy(scale * text @ image.T, labels)
+        + lam * own[mask.any(1)].sum() / 8
+    ) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads(loss, image, text, hard, scale), grads(expected, image, text, hard, scale)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    # Where every hard negative is exactly a unit away from its caption, the term is the plain H_i.
+    unit_text = torch.eye(10)[:8]
+    unit_hard = 0.5 * unit_text[:, None] + 3**0.5 / 2 * torch.eye(10)[[(i + 1) % 10 for i in range(8)]][:, None]
+    torch.testing.assert_close((unit_hard - unit_text[:, None]).norm(dim=-1), torch.ones(8, 1))
+    settings = dict(margin_hard=mu, margin_batch=0.0, hard_weight=lam, hard_columns="separate", impl=impl)
+    args = (image.detach(), unit_text, 14.0, None, unit_hard, scores[:, :1])
+    unit_loss = CementLoss(**settings, hard_unit_difference=eps)(*args)
+    torch.testing.assert_close(unit_loss, CementLoss(**settings)(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_hard_unit_difference_is_checked_and_reaches_the_loss():
+    import argparse
+
+    from slipform_plugin.integration import add_arguments, validate_args
+    from slipform_plugin.losses import create_cement_loss
+
+    with pytest.raises(ValueError, match=re.escape("hard_unit_difference must be None or a floor in (0, 2], got 0")):
+        CementLoss(hard_columns="separate", hard_weight=1.0, hard_unit_difference=0)
+    with pytest.raises(ValueError, match=re.escape("expected hard_columns='separate' (got 'joint')")):
+        CementLoss(hard_weight=1.0, hard_unit_difference=0.1)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--cement-hard-columns", "separate", "--cement-hard-weight", "1", "--cement-hard-unit-difference", "0.25"]
+    assert create_cement_loss(parser.parse_args(flags)).hard_unit_difference == 0.25
+    assert create_cement_loss(parser.parse_args([])).hard_unit_difference is None
+
+    errors = []
+
+    class Recorder(argparse.ArgumentParser):
+        def error(self, message):
+            errors.append(message)
+            raise SystemExit(2)
+
+    recorder = Recorder()
+    add_arguments(recorder)
+    with pytest.raises(SystemExit):
+        validate_args(recorder, recorder.parse_args(["--loss", "cement", "--cement-hard-unit-difference", "0.25"]))
+    assert "expected --cement-hard-columns separate, got joint" in errors[-1]
+    validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags]))  # accepted

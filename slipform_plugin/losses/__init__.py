@@ -131,6 +131,11 @@ class CementLoss(nn.Module):
             ``lambda_t * s * sum_i S_i / (2B)`` (``s`` detached, so it is in the units of the other terms).
             0 (the default) leaves it out.
         text_margin: ``mu_t`` in [0, 2], the text-side separation asked of a negative with score 1.
+        hard_unit_difference: None (the default), or a floor ``eps`` in (0, 2]: in ``H_i`` each hard pair's
+            cosine gap ``x_i.(h_ik - y_i)`` is divided by the detached text-space distance
+            ``max(|h_ik - y_i|, eps)``, so that the image is asked to prefer its caption along the unit
+            direction between the two (see :func:`~slipform_plugin.losses.reference.hard_negative_term`);
+            needs ``hard_columns="separate"``.
 
     ``forward`` returns the loss, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. The in-batch
     hard-negative accuracy of the last calls is kept in :attr:`hard_negative_meter` for logging (never in the
@@ -164,6 +169,7 @@ class CementLoss(nn.Module):
         hard_columns: str = "joint",
         text_weight: float = CEMENT_DEFAULTS["text_weight"],
         text_margin: float = CEMENT_DEFAULTS["text_margin"],
+        hard_unit_difference: float | None = None,
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -237,6 +243,18 @@ class CementLoss(nn.Module):
             raise ValueError(f"CementLoss: text_margin must be in [0, 2] (a cosine separation), got {text_margin!r}")
         self.text_weight = float(text_weight)
         self.text_margin = float(text_margin)
+        if hard_unit_difference is not None:
+            if not (math.isfinite(float(hard_unit_difference)) and 0.0 < hard_unit_difference <= 2.0):
+                raise ValueError(
+                    f"CementLoss: hard_unit_difference must be None or a floor in (0, 2], got {hard_unit_difference!r}"
+                )
+            if hard_columns != "separate":
+                raise ValueError(
+                    "CementLoss: hard_unit_difference reshapes the hard-negative term of separate columns, "
+                    f"expected hard_columns='separate' (got {hard_columns!r})"
+                )
+            hard_unit_difference = float(hard_unit_difference)
+        self.hard_unit_difference = hard_unit_difference
         self.calls_per_step = 1
         self.training_calls = 0  # training-mode forward calls so far (the warm-up's clock)
         self.gate_state = 0.0  # EMA of the excess hard-negative accuracy (used when margin_gate="hn-accuracy")
@@ -295,7 +313,8 @@ class CementLoss(nn.Module):
             f"hard_margin_difficulty={self.hard_margin_difficulty}, "
             f"hard_difficulty_offset={self.hard_difficulty_offset}, "
             f"hard_difficulty_warmup={self.hard_difficulty_warmup}, hard_columns={self.hard_columns!r}, "
-            f"text_weight={self.text_weight}, text_margin={self.text_margin}"
+            f"text_weight={self.text_weight}, text_margin={self.text_margin}, "
+            f"hard_unit_difference={self.hard_unit_difference}"
         )
 
     def forward(
@@ -406,7 +425,14 @@ class CementLoss(nn.Module):
         if separate and hn_text_features.shape[1] > 0:
             rows = slice(local_start, local_start + local_size)
             hard_sum = hard_negative_term(
-                all_image[rows], all_text[rows], checked.scale, hn_text_features, hn_scores, hn_mask, margin_hard
+                all_image[rows],
+                all_text[rows],
+                checked.scale,
+                hn_text_features,
+                hn_scores,
+                hn_mask,
+                margin_hard,
+                unit_difference_floor=self.hard_unit_difference,
             )
             loss = loss + self.hard_weight * hard_sum / (2 * local_size)
         if self.text_weight > 0.0 and hn_text_features is not None and hn_text_features.shape[1] > 0:
@@ -503,6 +529,7 @@ def create_cement_loss(args: Any) -> CementLoss:
         hard_columns=getattr(args, "cement_hard_columns", "joint"),
         text_weight=getattr(args, "cement_text_weight", CEMENT_DEFAULTS["text_weight"]),
         text_margin=getattr(args, "cement_text_margin", CEMENT_DEFAULTS["text_margin"]),
+        hard_unit_difference=getattr(args, "cement_hard_unit_difference", None),
     )
 
 

@@ -216,6 +216,7 @@ def hard_negative_term(
     hn_scores: Tensor | None,
     hn_mask: Tensor | None,
     margin_hard: float,
+    unit_difference_floor: float | None = None,
 ) -> Tensor:
     """Sum over rows of Cement's hard-negative term ``H_i`` (README, "The Cement loss"), by autograd.
 
@@ -229,6 +230,11 @@ def hard_negative_term(
         scale: the exponentiated logit scale ``s`` (0-dim tensor; gradient flows).
         hn_text_features: ``[B, K, D]``; hn_scores: ``[B, K]`` in [0, 1] or None (0); hn_mask: ``[B, K]`` or None.
         margin_hard: ``mu_h`` (already gated by the caller).
+        unit_difference_floor: None (the default) for ``H_i`` as above. A number ``eps > 0`` divides each
+            hard pair's cosine gap by the (detached) distance of the two captions in text space,
+            ``x_i.(h_ik - y_i) / max(|h_ik - y_i|, eps)``: the image is asked to prefer its caption along the
+            unit direction that tells the two apart, so that a swap the text tower maps close to its caption
+            still gives the image tower a full-size gradient.
     Returns:
         Scalar fp32 ``sum_i H_i`` (rows without a real negative contribute 0).
     """
@@ -236,6 +242,11 @@ def hard_negative_term(
     scale = scale.float()
     positive = scale * (image * text_rows.float()).sum(-1, keepdim=True)  # [B, 1]
     hard = scale * torch.einsum("bd,bkd->bk", image, hn_text_features.float())  # [B, K]
+    if unit_difference_floor is not None:
+        with torch.no_grad():
+            distance = (hn_text_features.float() - text_rows.float()[:, None]).norm(dim=-1)  # [B, K]
+            distance = distance.clamp_min(unit_difference_floor)
+        hard = positive + (hard - positive) / distance
     if hn_scores is not None and margin_hard != 0.0:
         hard = hard + scale.detach() * margin_hard * hn_scores.float()
     if hn_mask is not None:
