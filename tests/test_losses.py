@@ -31,6 +31,31 @@ def grads(loss, *tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+def clip_plus_hard_term(image, text, scale, weighted_hard_sum):
+    """OpenCLIP's symmetric loss of ``[B, D]`` features plus ``lambda sum_i H_i / (2B)``, written by hand."""
+    labels = torch.arange(image.shape[0])
+    clip = F.cross_entropy(scale * image @ text.T, labels) + F.cross_entropy(scale * text @ image.T, labels)
+    return (clip + weighted_hard_sum / image.shape[0]) / 2
+
+
+def recording_parser():
+    """An argparse parser with Slipform's flags whose ``error`` records its message before exiting."""
+    import argparse
+
+    from slipform_plugin.integration import add_arguments
+
+    errors: list[str] = []
+
+    class Recorder(argparse.ArgumentParser):
+        def error(self, message):
+            errors.append(message)
+            raise SystemExit(2)
+
+    recorder = Recorder()
+    add_arguments(recorder)
+    return recorder, errors
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bias", [None, -2.5])
 def test_infonce_without_negatives_equals_clip_loss(impl, bias):
@@ -513,15 +538,7 @@ def test_hard_difficulty_warmup_is_checked_and_reaches_the_loss():
     assert create_cement_loss(parser.parse_args(flags)).hard_difficulty_warmup == 64
     assert create_cement_loss(parser.parse_args([])).hard_difficulty_warmup == 0
 
-    errors = []
-
-    class Recorder(argparse.ArgumentParser):
-        def error(self, message):
-            errors.append(message)
-            raise SystemExit(2)
-
-    recorder = Recorder()
-    add_arguments(recorder)
+    recorder, errors = recording_parser()
     for bad in (["--cement-hard-difficulty-warmup", "8"], [*flags[:1], "--cement-hard-difficulty-warmup", "-2"]):
         with pytest.raises(SystemExit):
             validate_args(recorder, recorder.parse_args(["--loss", "cement", *bad]))
@@ -567,12 +584,7 @@ def test_separate_hard_columns_leave_the_in_batch_rows_to_clip(impl, difficulty)
     hard_logits = (scale * torch.einsum("bd,bkd->bk", image, hard) + margin).masked_fill(~mask, -torch.inf)
     own_logits = torch.cat([scale * (image * text).sum(-1, keepdim=True), hard_logits], 1)
     own = F.cross_entropy(own_logits, torch.zeros(9, dtype=torch.long), reduction="none")
-    labels = torch.arange(9)
-    expected = (
-        F.cross_entropy(scale * image @ text.T, labels)
-        + F.cross_entropy(scale * text @ image.T, labels)
-        + lam * own[mask.any(1)].sum() / 9
-    ) / 2
+    expected = clip_plus_hard_term(image, text, scale, lam * own[mask.any(1)].sum())
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads(loss, image, text, hard, scale), grads(expected, image, text, hard, scale)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
@@ -605,15 +617,7 @@ def test_hard_columns_are_checked_and_reach_the_loss():
     assert create_cement_loss(parser.parse_args(flags)).hard_columns == "separate"
     assert create_cement_loss(parser.parse_args([])).hard_columns == "joint"
 
-    errors = []
-
-    class Recorder(argparse.ArgumentParser):
-        def error(self, message):
-            errors.append(message)
-            raise SystemExit(2)
-
-    recorder = Recorder()
-    add_arguments(recorder)
+    recorder, errors = recording_parser()
     with pytest.raises(SystemExit):
         validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags[:2]]))
     assert "expected --cement-hard-weight > 0, got 0.0" in errors[0]
@@ -703,15 +707,7 @@ def test_caption_separation_settings_are_checked_and_reach_the_loss():
     assert (loss.text_weight, loss.text_margin) == (0.5, 0.4)
     assert create_cement_loss(parser.parse_args([])).text_weight == 0.0
 
-    errors = []
-
-    class Recorder(argparse.ArgumentParser):
-        def error(self, message):
-            errors.append(message)
-            raise SystemExit(2)
-
-    recorder = Recorder()
-    add_arguments(recorder)
+    recorder, errors = recording_parser()
     for flags, message in (
         (["--cement-text-weight", "nan"], "--cement-text-weight must be a finite number >= 0, got nan"),
         (["--cement-text-margin", "-0.1"], "--cement-text-margin must be in [0, 2] (a cosine separation), got -0.1"),
@@ -740,12 +736,7 @@ def test_hard_unit_difference_divides_each_hard_gap_by_the_captions_distance(imp
     gap = torch.einsum("bd,bkd->bk", image, hard) - (image * text).sum(-1, keepdim=True)
     logits = (scale * gap / distance.clamp_min(eps) + 14.0 * mu * scores).masked_fill(~mask, -torch.inf)
     own = torch.logsumexp(torch.cat([torch.zeros(8, 1), logits], 1), 1)
-    labels = torch.arange(8)
-    expected = (
-        F.cross_entropy(scale * image @ text.T, labels)
-        + F.cross_entropy(scale * text @ image.T, labels)
-        + lam * own[mask.any(1)].sum() / 8
-    ) / 2
+    expected = clip_plus_hard_term(image, text, scale, lam * own[mask.any(1)].sum())
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads(loss, image, text, hard, scale), grads(expected, image, text, hard, scale)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
@@ -775,15 +766,7 @@ def test_hard_unit_difference_is_checked_and_reaches_the_loss():
     assert create_cement_loss(parser.parse_args(flags)).hard_unit_difference == 0.25
     assert create_cement_loss(parser.parse_args([])).hard_unit_difference is None
 
-    errors = []
-
-    class Recorder(argparse.ArgumentParser):
-        def error(self, message):
-            errors.append(message)
-            raise SystemExit(2)
-
-    recorder = Recorder()
-    add_arguments(recorder)
+    recorder, errors = recording_parser()
     with pytest.raises(SystemExit):
         validate_args(recorder, recorder.parse_args(["--loss", "cement", "--cement-hard-unit-difference", "0.25"]))
     assert "expected --cement-hard-columns separate, got joint" in errors[-1]
