@@ -393,10 +393,10 @@ class CementLoss(nn.Module):
         else:
             all_image, all_text, local_size = image_features, text_features, batch
 
+        rows = slice(local_start, local_start + local_size)  # this process's rows of the gathered features
         concreteness = hn_scores  # before any difficulty scaling: the caption-separation term's c_ik
         margin_hard = self.margin_hard * self.gate
         if self.hard_margin_difficulty and hn_text_features is not None and margin_hard != 0.0:
-            rows = slice(local_start, local_start + local_size)
             positive = (all_image[rows].float() * all_text[rows].float()).sum(-1, keepdim=True)  # [B, 1]
             hard = torch.einsum("bd,bkd->bk", all_image[rows].float(), hn_text_features.float())  # [B, K]
             difficulty = hard_pair_difficulty(hard, positive, self.hard_difficulty_offset, self.difficulty_temperature)
@@ -423,7 +423,6 @@ class CementLoss(nn.Module):
             hard_weight=0.0 if separate else self.hard_weight,
         )
         if separate and hn_text_features.shape[1] > 0:
-            rows = slice(local_start, local_start + local_size)
             hard_sum = hard_negative_term(
                 all_image[rows],
                 all_text[rows],
@@ -436,7 +435,6 @@ class CementLoss(nn.Module):
             )
             loss = loss + self.hard_weight * hard_sum / (2 * local_size)
         if self.text_weight > 0.0 and hn_text_features is not None and hn_text_features.shape[1] > 0:
-            rows = slice(local_start, local_start + local_size)
             separation = caption_separation_term(
                 all_text[rows], hn_text_features, concreteness, hn_mask, self.text_margin
             )
