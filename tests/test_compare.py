@@ -87,6 +87,16 @@ def test_refuses_different_budgets_unless_allowed(tmp_path: Path, capsys: pytest
     assert compare.main([str(variant), f"{base}:a", "--allow-different-settings", "--metrics", "attribute_swap"]) == 0
 
 
+def test_precision_is_a_budget_setting_and_fp32_for_older_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    variant = write_run(tmp_path / "v", [("c", 0, 0.8, 0.5)], precision="fp32")
+    older = write_run(tmp_path / "older", [("a", 0, 0.7, 0.5)])  # written before results.json recorded it
+    mixed = write_run(tmp_path / "amp", [("a", 0, 0.7, 0.5)], precision="amp")
+    assert compare.main([str(variant), f"{older}:a", "--metrics", "attribute_swap"]) == 0
+    capsys.readouterr()
+    assert compare.main([str(variant), f"{mixed}:a", "--metrics", "attribute_swap"]) == 2
+    assert "precision ('fp32' vs 'amp')" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("baseline_runs", "message"),
     [

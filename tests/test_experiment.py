@@ -248,6 +248,47 @@ def test_hard_weight_flag_reaches_settings_and_is_checked():
     )
 
 
+def test_device_and_precision_reach_the_train_command_and_are_checked(monkeypatch):
+    import torch
+
+    from slipform_plugin.evaluation.experiment import (
+        build_parser,
+        check_settings,
+        environment,
+        settings_from_args,
+        train_command,
+    )
+
+    def command(argv: list[str]) -> list[str]:
+        settings = settings_from_args(build_parser().parse_args(argv))
+        check_settings(settings)
+        return train_command(settings, build_configs(0.2, 0.1)["c"], 0, "train-{0..1}.tar", "c-seed0")
+
+    def value(cmd: list[str], flag: str) -> str:
+        return cmd[cmd.index(flag) + 1]
+
+    default = command([])
+    assert (value(default, "--device"), value(default, "--precision")) == ("cpu", "fp32")
+    with pytest.raises(ValueError, match=re.escape("--device: expected cpu, cuda or cuda:N, got 'gpu'")):
+        command(["--device", "gpu"])
+    with pytest.raises(ValueError, match=re.escape("--precision amp needs --device cuda")):
+        command(["--precision", "amp"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--precision", "fp8"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape("--device cuda: torch sees no CUDA device here")):
+        command(["--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu = command(["--device", "cuda:1", "--precision", "amp_bf16"])
+    assert (value(on_gpu, "--device"), value(on_gpu, "--precision")) == ("cuda:1", "amp_bf16")
+    # A GPU run's environment names the device, so slipform compare never pairs it with a CPU run.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Test GPU {device}")
+    assert "device" not in environment() and "accelerator" not in environment("cpu")
+    gpu = environment("cuda:1")
+    assert (gpu["device"], gpu["accelerator"]) == ("cuda:1", "Test GPU cuda:1")
+    assert {k: v for k, v in gpu.items() if k not in ("device", "accelerator")} == environment()
+
+
 def test_world_flag_reaches_the_shards(tmp_path):
     from slipform_plugin.evaluation.experiment import build_parser, make_data, settings_from_args
 

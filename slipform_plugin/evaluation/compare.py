@@ -42,7 +42,10 @@ BUDGET_SETTINGS: tuple[str, ...] = (
     "corpus_vocabulary",
     "world",
     "single_group_fraction",
+    "precision",
 )
+#: the value of a budget setting in runs written before results.json recorded it
+_BUDGET_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
 #: metrics compared unless ``--metrics`` says otherwise
 DEFAULT_METRICS: tuple[str, ...] = ("attribute_swap", "attribute_replace", "i2t_r1", "t2i_r1")
 
@@ -84,7 +87,8 @@ def load_side(text: str) -> Side:
         if not runs:
             found = sorted({r.get("config") for r in results.get("runs", [])})
             raise ValueError(f"{text}: {path} has no finished run of config {config!r} (it has {found})")
-        budget = {key: results.get("settings", {}).get(key) for key in BUDGET_SETTINGS}
+        recorded = results.get("settings", {})
+        budget = {key: recorded.get(key, _BUDGET_DEFAULTS.get(key)) for key in BUDGET_SETTINGS}
         if differences := _mismatch(settings, budget):
             raise ValueError(f"{text}: the directories differ in {differences}")
         settings = budget

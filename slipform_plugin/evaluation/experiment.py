@@ -69,6 +69,8 @@ logger = logging.getLogger("slipform")
 #: transformer (context 32), 8M parameters in all. The ViT ``slipform-micro`` (16 tokens of 16 px) was the first
 #: default; it does not learn shape or relative position at this budget (README, Evidence).
 MODEL = "slipform-micro-cnn"
+#: ``--precision`` values of ``slipform experiment`` (open_clip_train.main's; the mixed ones need a GPU)
+PRECISIONS: tuple[str, ...] = ("fp32", "amp", "amp_bf16")
 #: the synthetic world of the experiment: two objects, four relations (README, Evidence: the calibration ladder)
 WORLD = "pair-relations"
 #: Cement's settings in every Cement configuration unless the experiment's flags say otherwise (README, Evidence:
@@ -187,6 +189,8 @@ class Settings:
     hard_margin_difficulty: bool = HARD_MARGIN_DIFFICULTY
     hard_columns: str = HARD_COLUMNS
     hn_kind_weights: str | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
 
 
 def build_configs(
@@ -420,8 +424,8 @@ def train_command(settings: Settings, config: Config, seed: int, train_pattern: 
         "--warmup", str(settings.warmup),
         "--seed", str(seed),
         "--workers", "1",
-        "--device", "cpu",
-        "--precision", "fp32",
+        "--device", settings.device,
+        "--precision", settings.precision,
         "--log-every-n-steps", str(max(1, steps // 4)),
         "--logs", str(settings.out / "runs"),
         "--name", name,
@@ -487,7 +491,7 @@ def run_one(settings: Settings, config: Config, seed: int, train_pattern: str, t
     record.update(parse_train_log(log_text))
     checkpoint = run_dir / "checkpoints" / f"epoch_{settings.epochs}.pt"
     started, cpu_started = time.perf_counter(), _own_cpu_seconds()
-    record["eval"] = evaluate(checkpoint, test_pattern, eval_dir, settings.threads, settings.model)
+    record["eval"] = evaluate(checkpoint, test_pattern, eval_dir, settings.threads, settings.model, settings.device)
     record["eval_seconds"] = round(time.perf_counter() - started, 2)
     record["eval_cpu_seconds"] = round(_own_cpu_seconds() - cpu_started, 2)
     record["metrics"] = extract_metrics(record["eval"])
@@ -505,11 +509,12 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def environment() -> dict[str, str]:
+def environment(device: str = "cpu") -> dict[str, str]:
     """What the numbers depend on besides the settings: CPU model, Python, torch, OpenCLIP (in results.json).
 
     Training on CPU is deterministic on one machine, but another CPU or torch build rounds differently and a
     run of 128 steps can land a few points elsewhere, so ``slipform compare`` pairs only runs of one environment.
+    Runs on a GPU (``device`` not ``"cpu"``) add the device and its name, so they never pair with CPU runs.
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -529,6 +534,11 @@ def environment() -> dict[str, str]:
             info[package] = version(package)
         except PackageNotFoundError:
             info[package] = "not installed"
+    if device != "cpu":
+        import torch
+
+        info["device"] = device
+        info["accelerator"] = torch.cuda.get_device_name(torch.device(device))
     return info
 
 
@@ -540,7 +550,9 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def evaluate(checkpoint: Path, test_pattern: str, out_dir: Path, threads: int, model: str = MODEL) -> dict[str, Any]:
+def evaluate(
+    checkpoint: Path, test_pattern: str, out_dir: Path, threads: int, model: str = MODEL, device: str = "cpu"
+) -> dict[str, Any]:
     """``slipform eval --synthetic`` in this process (torch is already imported); returns its eval.json."""
     import torch
 
@@ -548,6 +560,7 @@ def evaluate(checkpoint: Path, test_pattern: str, out_dir: Path, threads: int, m
 
     torch.set_num_threads(threads)
     argv = ["--model", model, "--pretrained", str(checkpoint), "--synthetic", test_pattern, "--out", str(out_dir)]
+    argv += ["--device", device]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         status = cli.main(argv)
@@ -839,6 +852,17 @@ def build_parser() -> argparse.ArgumentParser:
         "the hard negatives also as extra columns of their image's row)",
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads per run (default 2)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where every run trains and is scored: cpu (the default, deterministic per machine), cuda or cuda:N",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="open_clip_train.main --precision of every run (default fp32; amp and amp_bf16 need --device cuda)",
+    )
     p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints")
     p.add_argument(
@@ -889,11 +913,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         extra_train_args=list(args.train_arg),
         world=args.world,
         single_group_fraction=args.single_group_fraction,
+        device=args.device,
+        precision=args.precision,
     )
 
 
 def check_settings(settings: Settings) -> None:
     """Raise ``ValueError`` naming the flag for values the runs would reject later."""
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", settings.device):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {settings.device!r}")
+    if settings.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {settings.device}: torch sees no CUDA device here (use --device cpu)")
+    if settings.precision != "fp32" and settings.device == "cpu":
+        raise ValueError(f"--precision {settings.precision} needs --device cuda; on a CPU the runs use fp32")
     if settings.batch_size > settings.train_samples:
         raise ValueError(
             f"--batch-size must be <= --train-samples, got {settings.batch_size} > {settings.train_samples}"
@@ -991,7 +1026,7 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
         table += paired_table(pairs)
     results = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-        "environment": environment(),
+        "environment": environment(settings.device),
         "configs": {name: asdict(configs[name]) for name in settings.configs},
         "data": data,
         "plant_seconds": plant_seconds,
