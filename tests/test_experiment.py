@@ -464,10 +464,15 @@ def _readme_commands(prefixes: tuple[str, ...]) -> list[str]:
     return commands
 
 
-def test_readme_experiment_and_compare_commands_parse():
+def test_readme_experiment_and_compare_commands_parse(monkeypatch):
     """Every ``slipform experiment``/``compare`` command README shows is accepted as written by today's flags
-    (a default that changes, e.g. the separate columns needing lambda > 0, must not leave a command that fails)."""
+    (a default that changes, e.g. the separate columns needing lambda > 0, must not leave a command that fails);
+    a ``--device cuda`` command as on a machine with a GPU."""
     import shlex
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     from slipform_plugin.evaluation import compare
     from slipform_plugin.evaluation.experiment import METRICS, build_parser, check_settings, settings_from_args
