@@ -20,6 +20,9 @@ HARD_NEGATIVE_KINDS: tuple[str, ...] = (
     "other",
 )
 KIND_TO_ID: dict[str, int] = {kind: index for index, kind in enumerate(HARD_NEGATIVE_KINDS)}
+#: Scales of a negative's concreteness ``score``: within its part of speech, or among all caption words
+#: (``ConcretePlant(score_scale=...)``, ``--hn-score-scale``).
+SCORE_SCALES: tuple[str, ...] = ("pos", "all")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class HardNegative:
     Attributes:
         text: the negative caption, never equal to the positive.
         kind: what was changed, one of :data:`HARD_NEGATIVE_KINDS`.
-        score: the within-part-of-speech concreteness percentile of the changed concept, in [0, 1].
+        score: the concreteness of the changed concept, in [0, 1]: its within-part-of-speech percentile, or
+            with ``ConcretePlant(score_scale="all")`` its percentile among all caption words.
         span: ``(start, end)`` character offsets of the changed words in the *positive* caption.
     """
 

@@ -74,6 +74,7 @@ def unsupported_message(version: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add Slipform's flags to OpenCLIP's parser (a group of their own, listed in ``--help``)."""
+    from slipform_plugin.hard_negatives import SCORE_SCALES
     from slipform_plugin.losses import CEMENT_DEFAULTS, HARD_COLUMNS, LOSS_IMPLS, MARGIN_GATES
     from slipform_plugin.registry import hard_negative_names, loss_names
 
@@ -114,6 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="Draw replacement words only from this vocabulary (a text file, one word per line, e.g. every word of "
         "the training captions); default: no restriction.",
+    )
+    group.add_argument(
+        "--hn-score-scale",
+        default="pos",
+        choices=SCORE_SCALES,
+        help="Concreteness scale of the score each ConcretePlant negative carries to Cement's concreteness margin: "
+        "pos, its within-part-of-speech percentile (default); all, its percentile among all caption words, "
+        "comparable across kinds (a changed preposition scores below a colour). Sampling ranks within POS either way.",
     )
     group.add_argument(
         "--hn-batch-size", type=positive_int, default=64, help="Captions per generator call in a worker (64)."

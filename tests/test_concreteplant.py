@@ -174,6 +174,54 @@ def test_create_from_args():
         create_from_args(argparse.Namespace(hn_num=3, hn_kind_weights="swap_objects"))
 
 
+def test_text_concreteness_ranks_across_parts_of_speech():
+    """The cross-POS scale: a preposition below a colour below a concrete noun; a piece counts as its most
+    concrete rated word, several pieces as their mean, unrated pieces not at all."""
+    from slipform_plugin.concreteplant.lexicon import lookup, percentile, text_concreteness
+
+    above, blue, table = (text_concreteness([word]) for word in ("above", "blue", "table"))
+    assert above < blue < table
+    assert above == pytest.approx(percentile(lookup("above"), "ALL"))
+    assert text_concreteness(["to the left of"]) == pytest.approx(percentile(lookup("left"), "ALL"))
+    assert text_concreteness(["blue", "table"]) == pytest.approx((blue + table) / 2)
+    assert text_concreteness(["blue", "qwzxv"]) == pytest.approx(blue)
+    assert text_concreteness(["qwzxv"]) is None and text_concreteness([]) is None
+
+
+def test_score_scale_all_rescores_the_same_negatives(plant):
+    """score_scale="all" keeps ConcretePlant's draw (same texts, kinds, spans) and gives each negative the
+    cross-POS concreteness of what it changed, so a changed preposition scores below a changed colour."""
+    from slipform_plugin.concreteplant.lexicon import text_concreteness
+
+    within = ConcretePlant()
+    across = ConcretePlant(score_scale="all")
+    within._nlp = across._nlp = plant.nlp
+    keys = [str(i) for i in range(len(CAPTIONS))]
+    planted = {"pos": within.plant(CAPTIONS, keys), "all": across.plant(CAPTIONS, keys)}
+
+    def drawn(result):
+        return [[(n.text, n.kind, n.span) for n in negatives] for negatives in result]
+
+    assert drawn(planted["pos"]) == drawn(planted["all"]) and any(planted["pos"])
+    pairs = [(x.score, y.score) for xs, ys in zip(planted["pos"], planted["all"], strict=True) for x, y in zip(xs, ys)]
+    assert sum(x != y for x, y in pairs) > len(pairs) // 2
+    caption = "A red cup on a blue table."
+    found = {(n.kind, n.text): n.score for n in across.candidates(caption)}
+    relation = found[("replace_relation", "A red cup inside a blue table.")]
+    colour = found[("replace_attribute", "A crimson cup on a blue table.")]
+    swap = found[("swap_attributes", "A blue cup on a red table.")]
+    assert relation == pytest.approx(text_concreteness(["on"]))
+    assert colour == pytest.approx(text_concreteness(["red"]))
+    assert swap == pytest.approx(text_concreteness(["red", "blue"]))
+    assert relation < colour < found[("replace_object", "A red shower on a blue table.")]
+    within_scores = {(n.kind, n.text): n.score for n in within.candidates(caption)}
+    assert within_scores[("replace_relation", "A red cup inside a blue table.")] > colour  # within POS: 0.84
+    with pytest.raises(ValueError, match="--hn-score-scale"):
+        ConcretePlant(score_scale="global")
+    assert create_from_args(argparse.Namespace(hn_num=3, hn_score_scale="all")).score_scale == "all"
+    assert create_from_args(argparse.Namespace(hn_num=3)).score_scale == "pos"
+
+
 # ------------------------------------------------------------------------------------------- plant()
 CAPTIONS = [
     "A man riding a horse on the beach.",
@@ -331,6 +379,32 @@ def test_offline_round_trip_interrupt_and_resume(plant, tmp_path, monkeypatch, c
     assert offline.main([str(tmp_path / "in"), str(out), "--no-progress"]) == 0
     assert "0 written now, 3 already done" in capsys.readouterr().out
     assert offline.task_slice(offline.expand_shards([str(tmp_path / "in" / "*.tar")]), 1, 2) == [inputs[1]]
+
+
+def test_offline_score_scale(plant, tmp_path, monkeypatch):
+    """``slipform plant --score-scale all`` writes the same negatives as the default, rescored across POS."""
+    import webdataset as wds
+
+    _write_shards(tmp_path / "in", CAPTIONS, 1)
+    monkeypatch.setattr(offline, "_init_worker", _init_sharing(plant))
+    written = {}
+    for scale in ("pos", "all"):
+        out = tmp_path / scale
+        args = [str(tmp_path / "in"), str(out), "--workers", "1", "--no-progress", "--score-scale", scale]
+        assert offline.main(args) == 0
+        written[scale] = [
+            (sample["__key__"], sample["txt"].decode(), json.loads(sample["hn.json"]))
+            for sample in wds.WebDataset(str(out / "part-000.tar"), shardshuffle=False)
+        ]
+    texts = {scale: [[r["text"] for r in records] for *_, records in rows] for scale, rows in written.items()}
+    assert texts["pos"] == texts["all"] and any(texts["all"])
+    expected = ConcretePlant(score_scale="all")
+    expected._nlp = plant.nlp
+    keys, captions, records = zip(*written["all"], strict=True)
+    rescored = expected.plant(list(captions), list(keys))
+    assert [[r["score"] for r in rs] for rs in records] == [[pytest.approx(n.score) for n in ns] for ns in rescored]
+    with pytest.raises(SystemExit):
+        offline.main([str(tmp_path / "in"), str(tmp_path / "bad"), "--score-scale", "global"])
 
 
 def _init_sharing(plant):
@@ -579,6 +653,18 @@ def test_hn_vocab_flag(tmp_path, capsys):
     assert args.hn_vocab == str(good)
     assert create_from_args(args).vocabulary == {"red", "blue", "circle"}
     assert params.parse_args(base).hn_vocab is None and create_from_args(params.parse_args(base)).vocabulary is None
+
+
+def test_hn_score_scale_flag(capsys):
+    """OpenCLIP's parser takes --hn-score-scale {pos,all} and the generator it builds uses it."""
+    import open_clip_train.params as params
+
+    base = ["--loss", "cement", "--hn", "concreteplant"]
+    assert create_from_args(params.parse_args(base)).score_scale == "pos"
+    assert create_from_args(params.parse_args([*base, "--hn-score-scale", "all"])).score_scale == "all"
+    with pytest.raises(SystemExit):
+        params.parse_args([*base, "--hn-score-scale", "global"])
+    assert "--hn-score-scale" in capsys.readouterr().err
 
 
 def test_offline_vocab_flag(plant, tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ The end-to-end test proves the pipeline (data, offline planting, six real ``open
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import pickle
@@ -530,3 +531,43 @@ def test_hn_kind_weights_reach_the_planted_negatives(tmp_path):
     share = {key: counts["swap_attributes"] / sum(counts.values()) for key, counts in kinds.items()}
     # A two-object caption has one attribute swap: weighted up, every caption's K = 3 negatives include it.
     assert share["swap_attributes=1000"] == pytest.approx(1 / 3) and share[None] < 0.3, share
+
+
+def test_hn_score_scale_reaches_the_planted_negatives(tmp_path):
+    """--hn-score-scale all names the planted folders and rescores the same negatives, for ConcretePlant and
+    its uniform ablation alike: relation changes score below colour changes on the cross-POS scale."""
+    import tarfile
+
+    from slipform_plugin.concreteplant.offline import expand_shards
+    from slipform_plugin.evaluation.experiment import build_parser, make_data, plant_data, settings_from_args
+
+    def planted(pattern: str) -> list[dict]:
+        records = []
+        for shard in expand_shards([pattern]):
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.name.endswith(".hn.json"):
+                        records.extend(json.loads(tar.extractfile(member).read()))
+        return records
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--hn-score-scale", "global"])
+    argv = ["--quick", "--out", str(tmp_path), "--train-samples", "64", "--test-samples", "4", "--batch-size", "8"]
+    within = settings_from_args(build_parser().parse_args(argv))
+    across = settings_from_args(build_parser().parse_args([*argv, "--hn-score-scale", "all"]))
+    assert (within.hn_score_scale, across.hn_score_scale) == ("pos", "all")
+    train = make_data(within)["train"]
+    for generator in ("concreteplant", "concreteplant-uniform"):
+        pattern_pos, _ = plant_data(within, generator, 0, train)
+        pattern_all, _ = plant_data(across, generator, 0, train)
+        assert "-scoreall-seed0" in pattern_all and "-score" not in pattern_pos
+        records = {"pos": planted(pattern_pos), "all": planted(pattern_all)}
+        assert [r["text"] for r in records["pos"]] == [r["text"] for r in records["all"]]
+
+        mean = {}
+        for scale, kind in itertools.product(("pos", "all"), ("replace_relation", "replace_attribute")):
+            scores = [r["score"] for r in records[scale] if r["kind"] == kind]
+            assert scores, (generator, scale, kind)
+            mean[scale, kind] = sum(scores) / len(scores)
+        assert mean["pos", "replace_relation"] > mean["pos", "replace_attribute"], mean
+        assert mean["all", "replace_relation"] < mean["all", "replace_attribute"], mean

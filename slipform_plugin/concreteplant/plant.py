@@ -7,13 +7,15 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from slipform_plugin.concreteplant import corpus, operations, parsing, sampling
-from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, HardNegative
+from slipform_plugin.concreteplant import corpus, lexicon, operations, parsing, sampling
+from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, SCORE_SCALES, HardNegative
 
 logger = logging.getLogger("slipform")
 
 #: Parsed with ``nlp.pipe`` in chunks of this many captions.
 PIPE_BATCH_SIZE = 256
+#: Kinds whose candidate ``target`` is the two exchanged pieces, ``"first|second"``.
+SWAP_KINDS = frozenset({"swap_attributes", "swap_objects"})
 
 
 def parse_kinds(kinds: str | Sequence[str] | None) -> frozenset[str] | None:
@@ -73,6 +75,12 @@ class ConcretePlant:
             :func:`~slipform_plugin.concreteplant.corpus.corpus_vocabulary` of the training captions) or the path
             of a text file with one word per line. Every word of a negative is then in it or in its caption.
             None (the default): no restriction.
+        score_scale: the concreteness scale of the ``score`` each negative carries to the loss (Cement's
+            concreteness margin): ``"pos"`` (default) its within-POS percentile, the one sampling ranks by;
+            ``"all"`` the percentile of its most concrete changed word among all caption tokens
+            (:func:`~slipform_plugin.concreteplant.lexicon.text_concreteness`), comparable across kinds, so
+            that a changed preposition scores below a changed colour and a colour below most objects.
+            Sampling always ranks by the within-POS percentile.
 
     The spaCy pipeline loads on first use and is not pickled, so the object can be sent to DataLoader workers.
     ``stats`` counts captions seen, captions with no negative, failures and negatives per kind.
@@ -86,6 +94,7 @@ class ConcretePlant:
         spacy_model: str | None = None,
         kind_weights: Mapping[str, float] | None = None,
         vocabulary: corpus.VocabularyLike | None = None,
+        score_scale: str = "pos",
     ) -> None:
         if int(num_negatives) < 0:
             raise ValueError(f"ConcretePlant: num_negatives (--hn-num) must be >= 0, got {num_negatives}")
@@ -95,6 +104,11 @@ class ConcretePlant:
         self.spacy_model = spacy_model or None
         self.kind_weights = check_kind_weights(kind_weights)
         self.vocabulary: frozenset[str] | None = corpus.as_vocabulary(vocabulary, "ConcretePlant: vocabulary")
+        if score_scale not in SCORE_SCALES:
+            raise ValueError(
+                f"ConcretePlant: score_scale (--hn-score-scale) must be one of {SCORE_SCALES}, got {score_scale!r}"
+            )
+        self.score_scale = score_scale
         self.stats: Counter = Counter()
         self._nlp: Any = None
         self._load_error: str | None = None
@@ -114,6 +128,7 @@ class ConcretePlant:
             f"ConcretePlant(num_negatives={self.num_negatives}, seed={self.seed}, "
             f"kinds={sorted(self.kinds) if self.kinds else None}, spacy_model={self.spacy_model!r}"
             + ("" if self.vocabulary is None else f", vocabulary=<{len(self.vocabulary)} words>")
+            + ("" if self.score_scale == "pos" else f", score_scale={self.score_scale!r}")
             + ")"
         )
 
@@ -136,14 +151,14 @@ class ConcretePlant:
         """Every negative the caption can yield (kind, changed span and score each); ``key`` defaults to it."""
         text = parsing.clean_caption(caption)
         found = self._candidates_batch([text], [key if key is not None else text], variants=True)[0]
-        return [self._to_negative(c) for c in found]
+        return [self._to_negative(c, text) for c in found]
 
     def candidates_batch(self, captions: Sequence[Any], keys: Sequence[Any] | None = None) -> list[list[HardNegative]]:
         """:meth:`candidates` for many captions at once (parsed with ``nlp.pipe``)."""
         texts = [parsing.clean_caption(c) for c in captions]
         keys = texts if keys is None else [str(k) for k in keys]
         found = self._candidates_batch(texts, keys, variants=True)
-        return [[self._to_negative(c) for c in cands] for cands in found]
+        return [[self._to_negative(c, text) for c in cands] for text, cands in zip(texts, found, strict=True)]
 
     def plant(self, captions: Sequence[Any], keys: Sequence[Any] | None = None) -> list[list[HardNegative]]:
         """Up to ``num_negatives`` distinct negatives per caption, deterministic for ``(seed, key)``.
@@ -164,7 +179,7 @@ class ConcretePlant:
             self.stats["captions"] += 1
             try:
                 chosen = self._select(found, key, text)
-                negatives = [self._to_negative(c) for c in chosen if c.text.strip() != text.strip()]
+                negatives = [self._to_negative(c, text) for c in chosen if c.text.strip() != text.strip()]
             except Exception:  # never let one caption kill a DataLoader worker
                 logger.debug("ConcretePlant: sampling failed for %r", text[:200], exc_info=True)
                 self.stats["errors"] += 1
@@ -198,10 +213,16 @@ class ConcretePlant:
         own = frozenset(corpus.words(caption))
         return [c for c in found if corpus.allows(self.vocabulary, c.text, own)]
 
-    @staticmethod
-    def _to_negative(candidate: operations.Candidate) -> HardNegative:
-        score = min(1.0, max(0.0, float(candidate.score)))
-        return HardNegative(candidate.text, candidate.kind, score, candidate.span)
+    def _to_negative(self, candidate: operations.Candidate, caption: str) -> HardNegative:
+        score = float(candidate.score)
+        if self.score_scale == "all":
+            if candidate.kind in SWAP_KINDS:
+                pieces = candidate.target.split("|")
+            else:
+                pieces = [caption[candidate.span[0] : candidate.span[1]]]
+            changed = lexicon.text_concreteness(pieces)
+            score = score if changed is None else changed
+        return HardNegative(candidate.text, candidate.kind, min(1.0, max(0.0, score)), candidate.span)
 
     def _candidates_batch(self, texts: list[str], keys: list[str], variants: bool) -> list[list[operations.Candidate]]:
         out: list[list[operations.Candidate]] = [[] for _ in texts]
@@ -260,4 +281,5 @@ def generator_kwargs(args: Any) -> dict[str, Any]:
         "kinds": getattr(args, "hn_kinds", None),
         "spacy_model": getattr(args, "hn_spacy_model", None),
         "vocabulary": corpus.read_vocabulary_file(vocabulary, "--hn-vocab") if vocabulary else None,
+        "score_scale": getattr(args, "hn_score_scale", None) or "pos",
     }

@@ -60,6 +60,7 @@ from typing import Any
 from slipform_plugin._argtypes import positive_int
 from slipform_plugin.evaluation.compare import format_stat, mean_sd
 from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
+from slipform_plugin.hard_negatives import SCORE_SCALES
 from slipform_plugin.recommended import RECOMMENDED_CEMENT
 from slipform_plugin.synthetic.scene import WORLDS, get_world
 
@@ -189,6 +190,7 @@ class Settings:
     hard_margin_difficulty: bool = HARD_MARGIN_DIFFICULTY
     hard_columns: str = HARD_COLUMNS
     hn_kind_weights: str | None = None
+    hn_score_scale: str = "pos"
     device: str = "cpu"
     precision: str = "fp32"
 
@@ -313,7 +315,8 @@ def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern
     vocab_tag = "-corpusvocab" if settings.corpus_vocabulary else ""
     kind_weights = parse_kind_weights(settings.hn_kind_weights)
     weights_tag = "".join(f"-{kind}{weight:g}" for kind, weight in sorted((kind_weights or {}).items()))
-    name = f"planted-{generator_name}-k{settings.hn_num}{vocab_tag}{weights_tag}-seed{seed}"
+    scale_tag = "" if settings.hn_score_scale == "pos" else f"-score{settings.hn_score_scale}"
+    name = f"planted-{generator_name}-k{settings.hn_num}{vocab_tag}{weights_tag}{scale_tag}-seed{seed}"
     out_dir = settings.out / "data" / name
     started = time.perf_counter()
     todo = [s for s in shards if not is_done(s, out_dir)]
@@ -323,13 +326,14 @@ def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern
         vocabulary = corpus_vocabulary(_captions_of(shards)) if settings.corpus_vocabulary else None
         if generator_name == "synthetic-oracle":
             generator: Any = SyntheticOracleNegatives.from_shards(shards, settings.hn_num, seed)
-        elif generator_name == "concreteplant-uniform":
-            generator = UniformConcretePlant(
-                num_negatives=settings.hn_num, seed=seed, vocabulary=vocabulary, kind_weights=kind_weights
-            )
         else:
-            generator = ConcretePlant(
-                num_negatives=settings.hn_num, seed=seed, vocabulary=vocabulary, kind_weights=kind_weights
+            plant_class = UniformConcretePlant if generator_name == "concreteplant-uniform" else ConcretePlant
+            generator = plant_class(
+                num_negatives=settings.hn_num,
+                seed=seed,
+                vocabulary=vocabulary,
+                kind_weights=kind_weights,
+                score_scale=settings.hn_score_scale,
             )
         counts = plant_shards(generator, todo, out_dir)
         logger.info("planted %s (seed %d): %s", generator_name, seed, counts)
@@ -813,6 +817,14 @@ def build_parser() -> argparse.ArgumentParser:
         "swap_attributes=4 (unnamed kinds keep 1; default: all 1); the planted folders are named by it",
     )
     p.add_argument(
+        "--hn-score-scale",
+        default="pos",
+        choices=SCORE_SCALES,
+        help="scale of the concreteness score each planted negative carries to Cement's margin: pos, within its "
+        "part of speech (default); all, among all caption words (ConcretePlant's score_scale); the planted "
+        "folders are named by it",
+    )
+    p.add_argument(
         "--open-vocabulary",
         action="store_true",
         help="let ConcretePlant draw replacement words from its open vocabulary "
@@ -906,6 +918,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         hard_margin_difficulty=args.cement_hard_margin_difficulty,
         hard_columns=args.cement_hard_columns,
         hn_kind_weights=args.hn_kind_weights,
+        hn_score_scale=args.hn_score_scale,
         threads=args.threads,
         quick=args.quick,
         keep_going=args.keep_going,
