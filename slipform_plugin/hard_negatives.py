@@ -23,6 +23,7 @@ KIND_TO_ID: dict[str, int] = {kind: index for index, kind in enumerate(HARD_NEGA
 #: Scales of a negative's concreteness ``score``: within its part of speech, or among all caption words
 #: (``ConcretePlant(score_scale=...)``, ``--hn-score-scale``).
 SCORE_SCALES: tuple[str, ...] = ("pos", "all")
+DEFAULT_SCORE_SCALE = "pos"
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def unsupported_message(version: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add Slipform's flags to OpenCLIP's parser (a group of their own, listed in ``--help``)."""
-    from slipform_plugin.hard_negatives import SCORE_SCALES
+    from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, SCORE_SCALES
     from slipform_plugin.losses import CEMENT_DEFAULTS, HARD_COLUMNS, LOSS_IMPLS, MARGIN_GATES
     from slipform_plugin.registry import hard_negative_names, loss_names
 
@@ -118,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--hn-score-scale",
-        default="pos",
+        default=DEFAULT_SCORE_SCALE,
         choices=SCORE_SCALES,
         help="Concreteness scale of the score each ConcretePlant negative carries to Cement's concreteness margin: "
         "pos, its within-part-of-speech percentile (default); all, its percentile among all caption words, "

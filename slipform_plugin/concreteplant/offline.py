@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from slipform_plugin.hard_negatives import SCORE_SCALES
+from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, SCORE_SCALES
 
 DONE_SUFFIX = ".done.json"
 TMP_PREFIX = ".tmp-"
@@ -257,7 +257,7 @@ def _init_worker(options: dict, queue) -> None:
         kinds=options["kinds"],
         spacy_model=options["spacy_model"],
         vocabulary=options.get("vocab"),
-        score_scale=options.get("score_scale", "pos"),
+        score_scale=options.get("score_scale", DEFAULT_SCORE_SCALE),
     )
     try:
         plant.load()  # before the first shard, so shard timings are the steady rate
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--score-scale",
-        default="pos",
+        default=DEFAULT_SCORE_SCALE,
         choices=SCORE_SCALES,
         help="concreteness scale of each negative's score (Cement's margin): pos, within its part of speech "
         "(default); all, among all caption words, comparable across kinds",

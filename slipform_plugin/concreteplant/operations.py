@@ -96,6 +96,10 @@ UNRATED_PERCENTILE = 0.25
 CROSS_ROLE_FALLBACK = True
 
 
+#: Kinds whose candidate ``target`` is the two exchanged pieces, ``"first|second"``.
+SWAP_KINDS = frozenset({"swap_attributes", "swap_objects"})
+
+
 class Candidate:
     """A negative before sampling; ``span`` is in the positive caption, ``target`` is its changed text.
 
@@ -126,6 +130,13 @@ class Candidate:
             self._text = self._render()
             self._render = None
         return self._text
+
+    def changed_texts(self, caption: str) -> list[str]:
+        """What the negative changes in ``caption`` (its positive): the two exchanged pieces of a swap (its
+        ``target``, ``"first|second"``), else the text of its ``span``."""
+        if self.kind in SWAP_KINDS:
+            return self.target.split("|")
+        return [caption[self.span[0] : self.span[1]]]
 
     def __repr__(self) -> str:
         return f"Candidate({self.text!r}, {self.kind!r}, {self.score:.3f}, {self.span}, primary={self.primary})"

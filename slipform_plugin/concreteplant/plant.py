@@ -8,14 +8,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from slipform_plugin.concreteplant import corpus, lexicon, operations, parsing, sampling
-from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, SCORE_SCALES, HardNegative
+from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, HARD_NEGATIVE_KINDS, SCORE_SCALES, HardNegative
 
 logger = logging.getLogger("slipform")
 
 #: Parsed with ``nlp.pipe`` in chunks of this many captions.
 PIPE_BATCH_SIZE = 256
-#: Kinds whose candidate ``target`` is the two exchanged pieces, ``"first|second"``.
-SWAP_KINDS = frozenset({"swap_attributes", "swap_objects"})
 
 
 def parse_kinds(kinds: str | Sequence[str] | None) -> frozenset[str] | None:
@@ -94,7 +92,7 @@ class ConcretePlant:
         spacy_model: str | None = None,
         kind_weights: Mapping[str, float] | None = None,
         vocabulary: corpus.VocabularyLike | None = None,
-        score_scale: str = "pos",
+        score_scale: str = DEFAULT_SCORE_SCALE,
     ) -> None:
         if int(num_negatives) < 0:
             raise ValueError(f"ConcretePlant: num_negatives (--hn-num) must be >= 0, got {num_negatives}")
@@ -128,7 +126,7 @@ class ConcretePlant:
             f"ConcretePlant(num_negatives={self.num_negatives}, seed={self.seed}, "
             f"kinds={sorted(self.kinds) if self.kinds else None}, spacy_model={self.spacy_model!r}"
             + ("" if self.vocabulary is None else f", vocabulary=<{len(self.vocabulary)} words>")
-            + ("" if self.score_scale == "pos" else f", score_scale={self.score_scale!r}")
+            + ("" if self.score_scale == DEFAULT_SCORE_SCALE else f", score_scale={self.score_scale!r}")
             + ")"
         )
 
@@ -216,11 +214,7 @@ class ConcretePlant:
     def _to_negative(self, candidate: operations.Candidate, caption: str) -> HardNegative:
         score = float(candidate.score)
         if self.score_scale == "all":
-            if candidate.kind in SWAP_KINDS:
-                pieces = candidate.target.split("|")
-            else:
-                pieces = [caption[candidate.span[0] : candidate.span[1]]]
-            changed = lexicon.text_concreteness(pieces)
+            changed = lexicon.text_concreteness(candidate.changed_texts(caption))
             score = score if changed is None else changed
         return HardNegative(candidate.text, candidate.kind, min(1.0, max(0.0, score)), candidate.span)
 
@@ -281,5 +275,5 @@ def generator_kwargs(args: Any) -> dict[str, Any]:
         "kinds": getattr(args, "hn_kinds", None),
         "spacy_model": getattr(args, "hn_spacy_model", None),
         "vocabulary": corpus.read_vocabulary_file(vocabulary, "--hn-vocab") if vocabulary else None,
-        "score_scale": getattr(args, "hn_score_scale", None) or "pos",
+        "score_scale": getattr(args, "hn_score_scale", None) or DEFAULT_SCORE_SCALE,
     }

@@ -60,7 +60,7 @@ from typing import Any
 from slipform_plugin._argtypes import positive_int
 from slipform_plugin.evaluation.compare import format_stat, mean_sd
 from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
-from slipform_plugin.hard_negatives import SCORE_SCALES
+from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, SCORE_SCALES
 from slipform_plugin.recommended import RECOMMENDED_CEMENT
 from slipform_plugin.synthetic.scene import WORLDS, get_world
 
@@ -190,7 +190,7 @@ class Settings:
     hard_margin_difficulty: bool = HARD_MARGIN_DIFFICULTY
     hard_columns: str = HARD_COLUMNS
     hn_kind_weights: str | None = None
-    hn_score_scale: str = "pos"
+    hn_score_scale: str = DEFAULT_SCORE_SCALE
     device: str = "cpu"
     precision: str = "fp32"
 
@@ -315,7 +315,7 @@ def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern
     vocab_tag = "-corpusvocab" if settings.corpus_vocabulary else ""
     kind_weights = parse_kind_weights(settings.hn_kind_weights)
     weights_tag = "".join(f"-{kind}{weight:g}" for kind, weight in sorted((kind_weights or {}).items()))
-    scale_tag = "" if settings.hn_score_scale == "pos" else f"-score{settings.hn_score_scale}"
+    scale_tag = "" if settings.hn_score_scale == DEFAULT_SCORE_SCALE else f"-score{settings.hn_score_scale}"
     name = f"planted-{generator_name}-k{settings.hn_num}{vocab_tag}{weights_tag}{scale_tag}-seed{seed}"
     out_dir = settings.out / "data" / name
     started = time.perf_counter()
@@ -818,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--hn-score-scale",
-        default="pos",
+        default=DEFAULT_SCORE_SCALE,
         choices=SCORE_SCALES,
         help="scale of the concreteness score each planted negative carries to Cement's margin: pos, within its "
         "part of speech (default); all, among all caption words (ConcretePlant's score_scale); the planted "
