@@ -460,13 +460,15 @@ def forward_with_negatives(original_forward, model, image=None, text=None):
     """CLIP forward for a packed ``[B, 1 + K, L + 3]`` caption batch.
 
     Encodes the captions and their real negatives in one text-tower call (padding rows are skipped) and returns
-    OpenCLIP's output dict plus ``hn_text_features [B, K, D]``, ``hn_scores [B, K]`` and ``hn_mask [B, K]``.
+    OpenCLIP's output dict plus ``hn_text_features [B, K, D]``, ``hn_scores [B, K]`` and ``hn_mask [B, K]``, and
+    ``hn_kinds [B, K]`` when the training loss declares ``accepts_hard_negative_kinds`` (the wrapped
+    ``train_one_epoch`` marks the model so).
     """
     import torch
 
     from slipform_plugin.packing import unpack_batch
 
-    tokens, mask, _kinds, scores = unpack_batch(text)
+    tokens, mask, kinds, scores = unpack_batch(text)
     batch, rows, length = tokens.shape
     real = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1).reshape(-1)  # [B * (1 + K)]
     out = original_forward(model, image, tokens.reshape(batch * rows, length)[real])
@@ -482,6 +484,8 @@ def forward_with_negatives(original_forward, model, image=None, text=None):
     out["hn_text_features"] = features[:, 1:]
     out["hn_scores"] = scores
     out["hn_mask"] = mask
+    if getattr(model, "_slipform_hn_kinds", False):
+        out["hn_kinds"] = kinds
     return out
 
 
@@ -506,7 +510,9 @@ class _TrainLogWriter:
     """Stands in for the TensorBoard writer inside ``train_one_epoch``.
 
     OpenCLIP writes its scalars when (and only when) it logs a step; on its first scalar of a step this writer
-    also logs ``train/hn_acc`` (hard-negative accuracy since the last log) to the log and to TensorBoard.
+    also logs ``train/hn_acc`` (hard-negative accuracy since the last log: rows whose caption beats all of its
+    negatives) and, when the loss saw the kinds, ``train/hn_acc/<kind>`` (the share of that kind's negatives
+    their caption beat) to the log and to TensorBoard.
     """
 
     def __init__(self, writer: Any, loss: Any, epoch: int) -> None:
@@ -523,6 +529,17 @@ class _TrainLogWriter:
                 )
                 if self.writer is not None:
                     self.writer.add_scalar("train/hn_acc", accuracy, step)
+            by_kind = self.loss.hard_negative_meter.pop_kinds()
+            if by_kind:
+                logger.info(
+                    "Slipform: Train Epoch: %d step %d Hard-negative accuracy by kind: %s",
+                    self.epoch,
+                    step,
+                    ", ".join(f"{kind} {value:.4f}" for kind, value in by_kind.items()),
+                )
+                if self.writer is not None:
+                    for kind, value in by_kind.items():
+                        self.writer.add_scalar(f"train/hn_acc/{kind}", value, step)
         if self.writer is not None:
             self.writer.add_scalar(name, value, step, *args, **kwargs)
 
@@ -553,6 +570,13 @@ def _log_first_batch(module: Any, args: tuple, kwargs: dict) -> None:
         )
 
 
+def _unwrapped_model(model: Any) -> Any:
+    """The CLIP module inside DistributedDataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def wrap_train_one_epoch(original):
     """Wrap ``train_one_epoch`` to log Slipform's metrics; a no-op for OpenCLIP's own losses."""
 
@@ -568,6 +592,11 @@ def wrap_train_one_epoch(original):
             loss.set_training_step(epoch * (data["train"].dataloader.num_batches // accum_freq), accum_freq)
         from open_clip_train.distributed import is_master
 
+        # Let the model hand the loss each negative's kind (for per-kind logging) only if the loss takes it.
+        inner = _unwrapped_model(model)
+        previous_kinds = getattr(inner, "_slipform_hn_kinds", False)
+        if inner is not None:
+            inner._slipform_hn_kinds = bool(getattr(loss, "accepts_hard_negative_kinds", False))
         handle = None
         if is_master(args):
             state = {"done": False}
@@ -582,6 +611,8 @@ def wrap_train_one_epoch(original):
         try:
             return original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer)
         finally:
+            if inner is not None:
+                inner._slipform_hn_kinds = previous_kinds
             if handle is not None:
                 handle.remove()
 

@@ -310,9 +310,17 @@ def test_parse_train_log():
         "Contrastive_loss: 3.5 (3.6) Loss: 3.5 (3.6)\nSlipform: Train Epoch: 0 step 1 Hard-negative accuracy: 0.25\n"
         "Train Epoch: 0 [128/128 (100%)] Data (t): 0.1 Batch (t): 1.0, 63.5/s, 63.5/s/gpu LR: 0.0 "
         "Contrastive_loss: 3.25 (3.4) Loss: 3.25 (3.4)\nSlipform: Train Epoch: 0 step 2 Hard-negative accuracy: 0.5\n"
+        "2026-12-07,10:00:00 | INFO | Slipform: Train Epoch: 0 step 2 Hard-negative accuracy by kind: "
+        "swap_attributes 0.7500, replace_object 1.0000\n"
     )
-    assert parse_train_log(log) == {"final_loss": 3.25, "final_hn_acc": 0.5, "samples_per_second": 62.5}
-    assert parse_train_log("") == {"final_loss": None, "final_hn_acc": None, "samples_per_second": None}
+    assert parse_train_log(log) == {
+        "final_loss": 3.25,
+        "final_hn_acc": 0.5,
+        "final_hn_acc_by_kind": {"swap_attributes": 0.75, "replace_object": 1.0},
+        "samples_per_second": 62.5,
+    }
+    empty = {"final_loss": None, "final_hn_acc": None, "final_hn_acc_by_kind": {}, "samples_per_second": None}
+    assert parse_train_log("") == empty
 
 
 # ------------------------------------------------------------------------------------- end to end

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from slipform_plugin.losses import CementLoss, InfoNCELoss, cement_loss_reference
+from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
+from slipform_plugin.losses import CementLoss, HardNegativeMeter, InfoNCELoss, cement_loss_reference
+from slipform_plugin.losses.reference import hard_negative_pair_wins, hard_negative_wins
 
 IMPLS = ["reference", "chunked"]
 
@@ -173,6 +175,61 @@ def test_hard_negative_accuracy_is_metered_not_returned():
     assert list(out) == ["contrastive_loss"]
     assert loss_fn.hard_negative_meter.pop() == 1.0
     assert loss_fn.hard_negative_meter.pop() is None
+
+
+def test_hard_negative_accuracy_by_kind_counts_each_real_negative_under_its_kind():
+    """Per-kind accuracy, against a count by hand: each real negative is a win when the caption beats it."""
+    image, text, hard, scores, mask = features(6, 8, negatives=3, seed=3)
+    kinds = torch.tensor([[0, 4, 4], [4, 0, 5], [5, 5, 0], [0, 4, 4], [4, 0, 5], [5, 5, 0]])
+    kinds[~mask] = -1  # padding carries -1 (as packed batches do); it must be ignored, not rejected
+    loss_fn = CementLoss(impl="reference")
+    loss_fn(image, text, 10.0, None, hard, scores, mask, hn_kinds=kinds)
+    loss_fn(image, text, 10.0, None, hard, scores, mask, hn_kinds=kinds)  # counts accumulate until popped
+    positive = (image * text).sum(-1)
+    expected = {}
+    for kind_id, kind in enumerate(HARD_NEGATIVE_KINDS):
+        wins = counted = 0
+        for row in range(6):
+            for column in range(3):
+                if mask[row, column] and kinds[row, column] == kind_id:
+                    counted += 1
+                    wins += bool(positive[row] > image[row] @ hard[row, column])
+        if counted:
+            expected[kind] = wins / counted
+    assert expected and set(expected) <= {"replace_object", "swap_attributes", "swap_objects"}
+    assert loss_fn.hard_negative_meter.pop_kinds() == pytest.approx(expected)
+    assert loss_fn.hard_negative_meter.pop_kinds() == {}
+    # The kinds are logging only: the loss is the same with and without them.
+    torch.testing.assert_close(
+        loss_fn(image, text, 10.0, None, hard, scores, mask, hn_kinds=kinds),
+        loss_fn(image, text, 10.0, None, hard, scores, mask),
+    )
+
+
+def test_pair_wins_agree_with_row_wins():
+    image, text, hard, _, mask = features(7, 5, negatives=4, seed=5)
+    pair_wins = hard_negative_pair_wins(image, text, hard, mask)
+    assert pair_wins.shape == (7, 4) and not pair_wins[~mask].any()
+    wins, has_negative = hard_negative_wins(image, text, hard, mask)
+    torch.testing.assert_close(has_negative, mask.any(1))
+    torch.testing.assert_close(wins, (pair_wins | ~mask).all(1) & mask.any(1))
+
+
+@pytest.mark.parametrize(
+    ("kinds", "message"),
+    [
+        (
+            torch.zeros(4, 3, dtype=torch.long),
+            r"CementLoss: hn_kinds: expected shape \(4, 2\) \(\[B, K\]\), got \(4, 3\)",
+        ),
+        (torch.zeros(4, 2), "CementLoss: hn_kinds: expected an integer tensor of kind ids, got torch.float32"),
+        (torch.full((4, 2), 7), r"CementLoss: hn_kinds: expected kind ids in \[0, 7\) \(HARD_NEGATIVE_KINDS\), got"),
+    ],
+)
+def test_bad_hard_negative_kinds_are_refused(kinds, message):
+    image, text, hard, scores, _ = features(4, 8, negatives=2)
+    with pytest.raises(ValueError, match=message):
+        CementLoss(impl="reference")(image, text, 10.0, None, hard, scores, None, hn_kinds=kinds)
 
 
 @pytest.mark.parametrize(
@@ -771,3 +828,47 @@ def test_hard_unit_difference_is_checked_and_reaches_the_loss():
         validate_args(recorder, recorder.parse_args(["--loss", "cement", "--cement-hard-unit-difference", "0.25"]))
     assert "expected --cement-hard-columns separate, got joint" in errors[-1]
     validate_args(recorder, recorder.parse_args(["--loss", "cement", *flags]))  # accepted
+
+
+def test_the_model_hands_the_kinds_only_to_losses_that_declare_them():
+    """``hn_kinds`` reaches the loss only while ``train_one_epoch`` runs a loss with
+    ``accepts_hard_negative_kinds``: a third-party loss written to the older contract gets no new argument."""
+    from types import SimpleNamespace
+
+    from slipform_plugin.hard_negatives import HardNegative
+    from slipform_plugin.integration import forward_with_negatives, wrap_train_one_epoch
+    from slipform_plugin.packing import pack_caption_tokens
+
+    negatives = [HardNegative("b", "swap_objects", 0.5, (0, 1)), HardNegative("c", "replace_object", 0.25, (0, 1))]
+    packed = torch.stack([pack_caption_tokens(torch.arange(9).view(3, 3), negatives, 3)] * 2)  # [2, 4, 6]
+
+    def encode(model, image, tokens):
+        return {"image_features": image, "text_features": tokens.float(), "logit_scale": torch.tensor(1.0)}
+
+    class Model(torch.nn.Module):
+        pass
+
+    class OlderLoss(torch.nn.Module):  # meters its accuracy, so the wrapper does run around it
+        accepts_hard_negatives = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hard_negative_meter = HardNegativeMeter()
+
+    outputs = []
+
+    def train_one_epoch(wrapped_model, data, loss, *_):  # DDP calls the inner CLIP module's (patched) forward
+        outputs.append(forward_with_negatives(encode, wrapped_model.module, torch.zeros(2, 3), packed))
+
+    model = Model()
+    ddp_like = SimpleNamespace(module=model)
+    args = SimpleNamespace(accum_freq=1, rank=0, local_rank=0, world_size=1, distributed=False)
+    wrapped = wrap_train_one_epoch(train_one_epoch)
+    data = {"train": SimpleNamespace(dataloader=SimpleNamespace(num_batches=4))}
+    wrapped(ddp_like, data, CementLoss(), 0, None, None, None, None, args)
+    wrapped(ddp_like, data, OlderLoss(), 0, None, None, None, None, args)
+    with_kinds, without_kinds = outputs
+    torch.testing.assert_close(with_kinds["hn_kinds"], torch.tensor([[5, 0, -1]] * 2))
+    assert "hn_kinds" not in without_kinds and set(without_kinds) == set(with_kinds) - {"hn_kinds"}
+    torch.testing.assert_close(with_kinds["hn_mask"], torch.tensor([[True, True, False]] * 2))
+    assert not getattr(model, "_slipform_hn_kinds", False)  # restored after the epoch

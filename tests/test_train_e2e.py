@@ -9,6 +9,8 @@ import re
 import pytest
 from conftest import base_train_args, run_training
 
+from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
+
 
 def _assert_ok(run) -> None:
     assert run.returncode == 0, run.output[-4000:]
@@ -50,11 +52,16 @@ def test_cement_concreteplant_two_processes_on_cpu(synthetic_shards, tmp_path):
     assert os.getpid() not in {int(pid) for pid, _ in counts}
     # Hard-negative accuracy logged through OpenCLIP's logging and TensorBoard.
     assert "Hard-negative accuracy:" in log
+    by_kind = re.findall(r"Hard-negative accuracy by kind: (.*)", log)
+    assert by_kind, log[-3000:]
+    logged_kinds = {item.strip().split(" ")[0] for item in by_kind[-1].split(",")}
+    assert logged_kinds and logged_kinds <= set(HARD_NEGATIVE_KINDS)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run.log_dir / "tensorboard"))
     events.Reload()
     assert "train/hn_acc" in events.Tags()["scalars"]
+    assert {f"train/hn_acc/{kind}" for kind in logged_kinds} <= set(events.Tags()["scalars"])
     assert "train/contrastive_loss" in events.Tags()["scalars"]
     # Finite losses, params.txt records the Slipform flags, and a checkpoint was written.
     losses = run.losses()
@@ -106,5 +113,7 @@ def test_accum_freq_local_loss_and_third_party_extension(synthetic_shards, tmp_p
     assert "Slipform: hard negatives from 'word_swap', K=2" in log
     # With --accum-freq 2 the loss sees both micro-batches' features: 2 x 8 rows, K = 2.
     assert re.search(r"hn_text_features \[16, 2, 128\]", log), log[-3000:]
+    # The toy loss inherits accepts_hard_negative_kinds; its negatives are all of kind "other".
+    assert re.search(r"Hard-negative accuracy by kind: other [0-9.]+\n", log), log[-3000:]
     assert all(math.isfinite(v) for v in run.losses())
     assert (run.log_dir / "checkpoints" / "epoch_1.pt").exists()

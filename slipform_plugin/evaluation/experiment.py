@@ -444,20 +444,29 @@ def train_command(settings: Settings, config: Config, seed: int, train_pattern: 
 
 _LOSS_RE = re.compile(r"Contrastive_loss: ([-+0-9.eE]+|nan|inf)")
 _HN_ACC_RE = re.compile(r"Hard-negative accuracy: ([-+0-9.eE]+|nan)")
+_HN_ACC_BY_KIND_RE = re.compile(r"Hard-negative accuracy by kind: (.*)$", re.MULTILINE)
 _RATE_RE = re.compile(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,")
 
 
-def parse_train_log(text: str) -> dict[str, float | None]:
-    """Last logged contrastive loss, hard-negative accuracy and samples/s from an OpenCLIP ``out.log``."""
+def parse_train_log(text: str) -> dict[str, Any]:
+    """Last logged contrastive loss, hard-negative accuracy (overall, and by kind: ``{kind: share}``, empty
+    when the loss did not log kinds) and median samples/s from an OpenCLIP ``out.log``."""
 
     def last(pattern: re.Pattern, default: float | None = None) -> float | None:
         found = pattern.findall(text)
         return float(found[-1]) if found else default
 
     rates = [float(r) for r in _RATE_RE.findall(text)]
+    by_kind_lines = _HN_ACC_BY_KIND_RE.findall(text)
+    by_kind = {}
+    if by_kind_lines:
+        for item in by_kind_lines[-1].split(","):
+            kind, _, value = item.strip().rpartition(" ")
+            by_kind[kind] = float(value)
     return {
         "final_loss": last(_LOSS_RE),
         "final_hn_acc": last(_HN_ACC_RE),
+        "final_hn_acc_by_kind": by_kind,
         "samples_per_second": statistics.median(rates) if rates else None,
     }
 

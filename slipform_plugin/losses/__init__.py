@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
 from slipform_plugin.kernels import cement_loss_unchecked, validate_inputs
 from slipform_plugin.losses.reference import (
     caption_separation_term,
     cement_loss_reference,
     hard_negative_accuracy,
+    hard_negative_pair_wins,
     hard_negative_term,
     hard_negative_wins,
     hard_pair_difficulty,
@@ -303,6 +305,23 @@ class CementLoss(nn.Module):
         if weight > 0:
             self.gate_state = self.gate_momentum * self.gate_state + (1.0 - self.gate_momentum) * excess / weight
 
+    def _meter_kinds(self, image: Tensor, text: Tensor, hard: Tensor, hn_mask: Tensor | None, hn_kinds: Tensor) -> None:
+        """Check ``hn_kinds`` and count this batch's pairwise wins by kind."""
+        if not isinstance(hn_kinds, Tensor) or hn_kinds.shape != hard.shape[:2]:
+            got = tuple(hn_kinds.shape) if isinstance(hn_kinds, Tensor) else type(hn_kinds).__name__
+            raise ValueError(f"CementLoss: hn_kinds: expected shape {tuple(hard.shape[:2])} ([B, K]), got {got}")
+        if hn_kinds.dtype.is_floating_point or hn_kinds.dtype == torch.bool or hn_kinds.is_complex():
+            raise ValueError(f"CementLoss: hn_kinds: expected an integer tensor of kind ids, got {hn_kinds.dtype}")
+        mask = torch.ones(hard.shape[:2], dtype=torch.bool, device=hard.device) if hn_mask is None else hn_mask.bool()
+        real_kinds = hn_kinds[mask]
+        if real_kinds.numel() and (int(real_kinds.min()) < 0 or int(real_kinds.max()) >= len(HARD_NEGATIVE_KINDS)):
+            raise ValueError(
+                f"CementLoss: hn_kinds: expected kind ids in [0, {len(HARD_NEGATIVE_KINDS)}) "
+                f"(HARD_NEGATIVE_KINDS), got values from {int(real_kinds.min())} to {int(real_kinds.max())}"
+            )
+        pair_wins = hard_negative_pair_wins(image, text, hard, mask)
+        self.hard_negative_meter.update_kinds(pair_wins, mask, hn_kinds)
+
     def extra_repr(self) -> str:
         return (
             f"margin_hard={self.margin_hard}, margin_batch={self.margin_batch}, "
@@ -327,6 +346,7 @@ class CementLoss(nn.Module):
         hn_scores: Tensor | None = None,
         hn_mask: Tensor | None = None,
         output_dict: bool = False,
+        hn_kinds: Tensor | None = None,
     ) -> Tensor | dict[str, Tensor]:
         """Loss of one (local) batch.
 
@@ -339,6 +359,9 @@ class CementLoss(nn.Module):
             hn_scores: ``[B, K]`` concreteness scores in [0, 1]; None means 0 (no concreteness margin).
             hn_mask: ``[B, K]`` bool, True where a negative is real; None means all real.
             output_dict: return ``{"contrastive_loss": loss}`` instead of the tensor.
+            hn_kinds: ``[B, K]`` integer kind of each negative (an index into
+                :data:`~slipform_plugin.hard_negatives.HARD_NEGATIVE_KINDS`), or None; used for logging only
+                (:meth:`HardNegativeMeter.pop_kinds`), never in the loss.
         """
         # The one input check: the kernels' own, on this rank's tensors; the gathered ones are not re-checked.
         checked = validate_inputs(
@@ -359,6 +382,8 @@ class CementLoss(nn.Module):
         if hn_text_features is not None:
             wins, has_negative = hard_negative_wins(image_features, text_features, hn_text_features, hn_mask)
             self.hard_negative_meter.update(wins.sum(), has_negative.sum())
+            if hn_kinds is not None:
+                self._meter_kinds(image_features, text_features, hn_text_features, hn_mask, hn_kinds)
             if self.margin_gate != "none" and self.training:
                 self._update_gate(wins, has_negative, hn_mask, hn_text_features.shape[1])
             if hn_mask is None:
@@ -479,20 +504,53 @@ class InfoNCELoss(CementLoss):
 
 
 class HardNegativeMeter:
-    """Running count of rows whose caption beats all of its own hard negatives (for logging only)."""
+    """Running counts of hard-negative wins, for logging only.
+
+    Two counts: rows whose caption beats all of its own real hard negatives (:meth:`pop`), and, when the
+    batch says which kind each negative is, each negative the caption beats, by kind (:meth:`pop_kinds`).
+    """
 
     def __init__(self) -> None:
         self.correct = 0
         self.counted = 0
+        self.kind_correct = [0] * len(HARD_NEGATIVE_KINDS)
+        self.kind_counted = [0] * len(HARD_NEGATIVE_KINDS)
 
     def update(self, correct: Tensor, counted: Tensor) -> None:
         self.correct += int(correct)
         self.counted += int(counted)
 
+    def update_kinds(self, pair_wins: Tensor, hn_mask: Tensor, hn_kinds: Tensor) -> None:
+        """Count each real negative under its kind.
+
+        Args:
+            pair_wins: bool ``[B, K]``, the caption beats that negative; hn_mask: bool ``[B, K]``;
+            hn_kinds: integer ``[B, K]``, indices into :data:`~slipform_plugin.hard_negatives.HARD_NEGATIVE_KINDS`.
+        """
+        real = hn_mask.bool()
+        kinds = hn_kinds.long()
+        counted = torch.bincount(kinds[real], minlength=len(HARD_NEGATIVE_KINDS)).tolist()
+        correct = torch.bincount(kinds[real & pair_wins.bool()], minlength=len(HARD_NEGATIVE_KINDS)).tolist()
+        for index in range(len(HARD_NEGATIVE_KINDS)):
+            self.kind_counted[index] += counted[index]
+            self.kind_correct[index] += correct[index]
+
     def pop(self) -> float | None:
         """Accuracy since the last call, or None when no row had a negative; resets the counts."""
         value = self.correct / self.counted if self.counted else None
         self.correct = self.counted = 0
+        return value
+
+    def pop_kinds(self) -> dict[str, float]:
+        """Share of negatives of each kind that their caption beat since the last call (kinds seen only, in
+        the order of ``HARD_NEGATIVE_KINDS``); resets the counts."""
+        value = {
+            kind: self.kind_correct[index] / self.kind_counted[index]
+            for index, kind in enumerate(HARD_NEGATIVE_KINDS)
+            if self.kind_counted[index]
+        }
+        self.kind_correct = [0] * len(HARD_NEGATIVE_KINDS)
+        self.kind_counted = [0] * len(HARD_NEGATIVE_KINDS)
         return value
 
 
@@ -538,3 +596,6 @@ def create_infonce_loss(args: Any) -> InfoNCELoss:
 
 # Losses registered here accept hard negatives; the registry uses this to refuse --hn with other losses.
 CementLoss.accepts_hard_negatives = True
+# ... and the kind of each negative (``hn_kinds``, for per-kind logging): the model adds it to its output only
+# for losses that declare this.
+CementLoss.accepts_hard_negative_kinds = True

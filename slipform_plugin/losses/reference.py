@@ -187,6 +187,25 @@ def hard_negative_accuracy(
     return wins.sum(), has_negative.sum()
 
 
+def hard_negative_pair_wins(
+    image_features: Tensor, text_features: Tensor, hn_text_features: Tensor, hn_mask: Tensor | None = None
+) -> Tensor:
+    """Per negative: whether the caption beats that one hard negative of its image (raw cosine, no margins).
+
+    Args:
+        image_features: ``[B, D]``; text_features: ``[B, D]``; hn_text_features: ``[B, K, D]``; hn_mask ``[B, K]``.
+    Returns:
+        bool ``[B, K]``, False where a negative is not real.
+    """
+    with torch.no_grad():
+        positive = (image_features.float() * text_features.float()).sum(-1, keepdim=True)  # [B, 1]
+        hard = torch.einsum("bd,bkd->bk", image_features.float(), hn_text_features.float())  # [B, K]
+        wins = positive > hard
+        if hn_mask is not None:
+            wins = wins & hn_mask.bool()
+        return wins
+
+
 def hard_negative_wins(
     image_features: Tensor, text_features: Tensor, hn_text_features: Tensor, hn_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -198,13 +217,12 @@ def hard_negative_wins(
         ``(wins, has_negative)``, both bool ``[B]``; ``wins`` is False where a row has no real negative.
     """
     with torch.no_grad():
-        positive = (image_features.float() * text_features.float()).sum(-1)  # [B]
-        hard = torch.einsum("bd,bkd->bk", image_features.float(), hn_text_features.float())
+        pair_wins = hard_negative_pair_wins(image_features, text_features, hn_text_features, hn_mask)
         if hn_mask is None:
-            hn_mask = torch.ones(hard.shape, dtype=torch.bool, device=hard.device)
-        hard = hard.masked_fill(~hn_mask.bool(), float("-inf"))
-        has_negative = hn_mask.bool().any(dim=1)
-        wins = (positive > hard.max(dim=1).values) & has_negative
+            hn_mask = torch.ones(pair_wins.shape, dtype=torch.bool, device=pair_wins.device)
+        real = hn_mask.bool()
+        has_negative = real.any(dim=1)
+        wins = (pair_wins | ~real).all(dim=1) & has_negative
         return wins, has_negative
 
 
