@@ -24,7 +24,7 @@ import pytest
 from slipform_plugin.concreteplant import ConcretePlant, sampling
 from slipform_plugin.evaluation.ablations import UniformConcretePlant, create_uniform_concreteplant, sample_uniform
 from slipform_plugin.evaluation.experiment import ALL_CONFIGS, MODEL, TABLE_METRICS, build_configs, parse_train_log
-from slipform_plugin.hard_negatives import HardNegative
+from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, HardNegative
 
 CAPTIONS = [
     "two small red matte striped circles to the left of a large blue metallic solid square",
@@ -353,8 +353,15 @@ def test_quick_experiment_end_to_end(tmp_path):
         assert math.isfinite(run["final_loss"])
         if run["config"] != "a":
             assert math.isfinite(run["final_hn_acc"])
+            by_kind = run["final_hn_acc_by_kind"]
+            assert by_kind and set(by_kind) <= set(HARD_NEGATIVE_KINDS)
+            assert all(0.0 <= value <= 1.0 for value in by_kind.values()), by_kind
+        else:
+            assert run["final_hn_acc_by_kind"] == {}  # plain CLIP sees no negatives
+    assert "final_hn_acc_by_kind" not in results["summary"]["a"] and "final_hn_acc_by_kind" in results["summary"]["c"]
     table = (out / "results.md").read_text()
     assert all(f"({name})" in table for name in ALL_CONFIGS) and "attribute swap" in table
+    assert "In training: share of each kind's negatives that their caption beat" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The negative-using runs read the planted shards, and the uniform ablation its own.
     planted = sorted(p.name for p in (out / "data").iterdir() if p.name.startswith("planted-"))

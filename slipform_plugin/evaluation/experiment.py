@@ -60,7 +60,7 @@ from typing import Any
 from slipform_plugin._argtypes import positive_int
 from slipform_plugin.evaluation.compare import format_stat, mean_sd
 from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
-from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, SCORE_SCALES
+from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, HARD_NEGATIVE_KINDS, SCORE_SCALES
 from slipform_plugin.recommended import RECOMMENDED_CEMENT
 from slipform_plugin.synthetic.scene import WORLDS, get_world
 
@@ -609,8 +609,41 @@ def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, di
             values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
             if values:
                 entry[key] = {**mean_sd(values), "n": len(values)}
+        by_kind: dict[str, Any] = {}
+        for kind in HARD_NEGATIVE_KINDS:
+            values = [r.get("final_hn_acc_by_kind", {}).get(kind) for r in runs]
+            values = [float(v) for v in values if v is not None]
+            if values:
+                by_kind[kind] = {**mean_sd(values), "n": len(values)}
+        if by_kind:
+            entry["final_hn_acc_by_kind"] = by_kind
         summary[name] = entry
     return summary
+
+
+def training_kind_table(summary: dict[str, dict[str, Any]], configs: dict[str, Config]) -> str:
+    """Markdown table of the in-batch hard-negative accuracy by kind over each run's last logging interval
+    (%, mean ± std over seeds); empty when no configuration logged kinds."""
+    kinds = [k for k in HARD_NEGATIVE_KINDS if any(k in e.get("final_hn_acc_by_kind", {}) for e in summary.values())]
+    if not kinds:
+        return ""
+    header = ["config", "seeds", *(kind.replace("_", " ") for kind in kinds)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in summary.items():
+        by_kind = entry.get("final_hn_acc_by_kind")
+        if not by_kind:
+            continue
+        cells = [f"({name}) {configs[name].label}", str(len(entry["seeds"]))]
+        for kind in kinds:
+            stat = by_kind.get(kind)
+            if stat is None:
+                cells.append("n/a")
+            elif stat["n"] == 1:
+                cells.append(f"{100 * stat['mean']:.1f}")
+            else:
+                cells.append(f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 #: the paired comparisons of the experiment: (minuend, subtrahend, what the difference isolates)
@@ -963,7 +996,6 @@ def check_settings(settings: Settings) -> None:
         raise ValueError(f"--cement-hard-weight must be a finite number >= 0, got {settings.hard_weight}")
     if settings.hn_kind_weights is not None:
         from slipform_plugin.concreteplant import check_kind_weights, parse_kind_weights
-        from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
 
         weights = parse_kind_weights(settings.hn_kind_weights) or {}  # raises naming --hn-kind-weights
         try:
@@ -1042,6 +1074,13 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
             "\nWhat the image tower encodes: linear probe of the subject's image features (chance: majority value):\n\n"
         )
         table += markdown_table(summary, configs, PERCEPTION_TABLE_METRICS)
+    kind_table = training_kind_table(summary, configs)
+    if kind_table:
+        table += (
+            "\nIn training: share of each kind's negatives that their caption beat over the last logging interval "
+            "(the last `Hard-negative accuracy by kind` line of each run's `out.log`):\n\n"
+        )
+        table += kind_table
     pairs = paired_differences(records)
     if pairs:
         table += "\nDifferences paired by seed (percentage points; mean ± sd over seeds, per-seed values):\n\n"
