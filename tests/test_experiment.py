@@ -23,7 +23,15 @@ import pytest
 
 from slipform_plugin.concreteplant import ConcretePlant, sampling
 from slipform_plugin.evaluation.ablations import UniformConcretePlant, create_uniform_concreteplant, sample_uniform
-from slipform_plugin.evaluation.experiment import ALL_CONFIGS, MODEL, TABLE_METRICS, build_configs, parse_train_log
+from slipform_plugin.evaluation.experiment import (
+    ALL_CONFIGS,
+    MODEL,
+    TABLE_METRICS,
+    aggregate,
+    build_configs,
+    parse_train_log,
+    training_kind_table,
+)
 from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, HardNegative
 
 CAPTIONS = [
@@ -321,6 +329,25 @@ def test_parse_train_log():
     }
     empty = {"final_loss": None, "final_hn_acc": None, "final_hn_acc_by_kind": {}, "samples_per_second": None}
     assert parse_train_log("") == empty
+
+
+def test_training_kind_table_counts_only_the_runs_that_logged_kinds():
+    """Mean ± sd over the runs with by-kind records; a run reused from before kinds were logged adds none."""
+    records = [
+        {"config": "a", "seed": 0, "metrics": {}, "final_hn_acc_by_kind": {}},
+        {"config": "c", "seed": 0, "metrics": {}, "final_hn_acc_by_kind": {"swap_attributes": 0.5, "other": 1.0}},
+        {"config": "c", "seed": 1, "metrics": {}, "final_hn_acc_by_kind": {"swap_attributes": 0.75}},
+        {"config": "c", "seed": 2, "metrics": {}},  # an older run.json: no by-kind record
+    ]
+    summary = aggregate(records, ["a", "c"])
+    assert "final_hn_acc_by_kind" not in summary["a"]
+    assert summary["c"]["final_hn_acc_by_kind"]["swap_attributes"]["n"] == 2
+    assert summary["c"]["final_hn_acc_by_kind"]["swap_attributes"]["mean"] == pytest.approx(0.625)
+    table = training_kind_table(summary, build_configs(0.2, 0.1, "none", 1.0, True, "separate"))
+    lines = table.splitlines()
+    assert lines[0] == "| config | runs | swap attributes | other |"
+    assert len(lines) == 3 and lines[2].startswith("| (c) ") and "| 2 | 62.5 ± 17.7 | 100.0 |" in lines[2]
+    assert training_kind_table(aggregate(records[:1], ["a"]), {}) == ""
 
 
 # ------------------------------------------------------------------------------------- end to end

@@ -627,13 +627,14 @@ def training_kind_table(summary: dict[str, dict[str, Any]], configs: dict[str, C
     kinds = [k for k in HARD_NEGATIVE_KINDS if any(k in e.get("final_hn_acc_by_kind", {}) for e in summary.values())]
     if not kinds:
         return ""
-    header = ["config", "seeds", *(kind.replace("_", " ") for kind in kinds)]
+    header = ["config", "runs", *(kind.replace("_", " ") for kind in kinds)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in summary.items():
         by_kind = entry.get("final_hn_acc_by_kind")
         if not by_kind:
             continue
-        cells = [f"({name}) {configs[name].label}", str(len(entry["seeds"]))]
+        # the runs that logged kinds (a run reused from before the kinds were logged has none)
+        cells = [f"({name}) {configs[name].label}", str(max(stat["n"] for stat in by_kind.values()))]
         for kind in kinds:
             stat = by_kind.get(kind)
             if stat is None:
