@@ -341,8 +341,17 @@ def test_synthetic_benchmark_metrics(tmp_path, checkpoint, direct):
         for k in (1, 5):
             assert res["retrieval"][name][f"R@{k}"] == pytest.approx(ranked[:, :k].any(1).mean())
     assert res["zero_shot"]["shape"]["classes"] == 6 and res["zero_shot"]["colour"]["classes"] == 8
+    # the layout probe reads the whole images' features: recomputed from them directly
+    from slipform_plugin.evaluation.synthetic import layout_probe
+
+    scene_feats = torch.stack([direct.image_feature(img) for img in images]).numpy()
+    expected = layout_probe(scene_feats, [it.meta["scene"] for it in items])
+    assert res["layout"]["n"] == 24 and set(res["layout"]) == set(expected)
+    for name in set(expected) - {"n"}:
+        assert res["layout"][name]["accuracy"] == pytest.approx(expected[name]["accuracy"], abs=1e-6)
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "attribute_swap" in md and "R@5" in md and "zero-shot" in md
+    assert "| relation_axis (scene) |" in md and "| shape (subject) |" in md
 
 
 @pytest.mark.parametrize("world", ["default", "simple", "pair"])
@@ -455,6 +464,38 @@ def test_refuses_quick_gelu_mismatch(tmp_path, tiny_models):
         load_model(TINY, str(tmp_path / "openai.pt"))
     loaded = load_model(TINY_QG, str(tmp_path / "openai.pt"))  # the matching config loads it
     assert torch.equal(loaded.model.text_projection, plain.text_projection)
+
+
+def test_layout_labels_depend_on_the_image_not_on_which_group_the_caption_names_first():
+    from slipform_plugin.evaluation.synthetic import layout_labels
+
+    red, blue = {"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "star"}  # red precedes blue
+    left = layout_labels({"subject": red, "relation": "to the left of", "reference": blue})
+    right = layout_labels({"subject": blue, "relation": "to the right of", "reference": red})  # the same image
+    assert left == right == {"relation_axis": "horizontal", "relation_by_colour": "to the left of"}
+    below = layout_labels({"subject": blue, "relation": "above", "reference": red})
+    assert below == {"relation_axis": "vertical", "relation_by_colour": "below"}
+
+
+def test_layout_probe_decodes_the_axis_when_only_the_axis_is_encoded():
+    """Features that encode the axis and not which colour is where: axis 100%, relation by colour near half."""
+    from slipform_plugin.evaluation.synthetic import layout_labels, layout_probe
+
+    rng = np.random.default_rng(1)
+    relations = ["to the left of", "to the right of", "above", "below"]
+    colours = ["red", "green", "blue", "white"]
+    scenes = []
+    for i in range(240):
+        first, second = rng.choice(colours, size=2, replace=False)
+        scenes.append(
+            {"subject": {"colour": str(first)}, "relation": relations[i % 4], "reference": {"colour": str(second)}}
+        )
+    axis = np.array([[1.0, 0.0] if layout_labels(s)["relation_axis"] == "horizontal" else [0.0, 1.0] for s in scenes])
+    features = np.concatenate([3.0 * axis, rng.normal(size=(240, 12))], axis=1)
+    result = layout_probe(features, scenes)
+    assert result["n"] == 240 and result["relation_axis"]["accuracy"] == 1.0
+    assert result["relation_by_colour"]["classes"] == 4
+    assert 0.3 < result["relation_by_colour"]["accuracy"] < 0.7  # the axis halves the four classes, no more
 
 
 def test_perception_probe_decodes_what_the_features_encode_and_nothing_else():

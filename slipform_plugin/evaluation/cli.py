@@ -187,6 +187,22 @@ def to_markdown(report: dict[str, Any]) -> str:
         zs = r["zero_shot"]
         rows = [(k, _pct(zs[k]["accuracy"]), zs[k]["classes"]) for k in ("shape", "colour")]
         table("Synthetic: zero-shot classification of the subject (%)", ("attribute", "accuracy", "classes"), rows)
+        rows = [
+            (f"{k} (subject)", _pct(v["accuracy"]), _pct(v["majority"]), v["classes"])
+            for k, v in r.get("perception", {}).items()
+            if k != "n"
+        ]
+        rows += [
+            (f"{k} (scene)", _pct(v["accuracy"]), _pct(v["majority"]), v["classes"])
+            for k, v in r.get("layout", {}).items()
+            if k != "n"
+        ]
+        if rows:
+            table(
+                "Synthetic: linear probe of the image features (%; chance: the majority value)",
+                ("label", "accuracy", "majority", "classes"),
+                rows,
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -116,6 +116,8 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
         f"probe_{attribute}": (("perception", attribute, "accuracy"), f"probe {attribute}")
         for attribute in PROBED_ATTRIBUTES
     },
+    "probe_relation_axis": (("layout", "relation_axis", "accuracy"), "probe relation axis (scene)"),
+    "probe_relation_by_colour": (("layout", "relation_by_colour", "accuracy"), "probe relation by colour (scene)"),
 }
 #: the columns of the Markdown table, in order
 TABLE_METRICS: tuple[str, ...] = (
@@ -144,7 +146,11 @@ SWAP_TABLE_METRICS: tuple[str, ...] = (
 
 
 #: the columns of the third table: the linear perception probe of the image features (no text involved)
-PERCEPTION_TABLE_METRICS: tuple[str, ...] = tuple(f"probe_{attribute}" for attribute in PROBED_ATTRIBUTES)
+PERCEPTION_TABLE_METRICS: tuple[str, ...] = (
+    *(f"probe_{attribute}" for attribute in PROBED_ATTRIBUTES),
+    "probe_relation_axis",
+    "probe_relation_by_colour",
+)
 
 
 @dataclass(frozen=True)
@@ -1072,7 +1078,8 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
     table += markdown_table(summary, configs, SWAP_TABLE_METRICS)
     if any(metric in entry for entry in summary.values() for metric in PERCEPTION_TABLE_METRICS):
         table += (
-            "\nWhat the image tower encodes: linear probe of the subject's image features (chance: majority value):\n\n"
+            "\nWhat the image tower encodes: linear probe of the subject's image features, and of the whole scene's "
+            "for the layout (chance: majority value):\n\n"
         )
         table += markdown_table(summary, configs, PERCEPTION_TABLE_METRICS)
     kind_table = training_kind_table(summary, configs)

@@ -18,6 +18,9 @@ Metrics (all from the test split's stored metadata):
   in the samples' world.
 - ``perception``: a linear probe of the same subject features (ridge classifier, two folds) for shape, colour,
   size, material and texture: whether the image tower encodes an attribute at all, with no text involved.
+- ``layout``: the same probe on the whole scene's image features for where the two groups are: the relation's
+  axis, and the relation of the group with the first colour to the other (:func:`layout_labels`): whether the
+  tower encodes what a relation swap asks about.
 """
 
 from __future__ import annotations
@@ -34,7 +37,16 @@ from typing import Any
 import numpy as np
 
 from slipform_plugin.evaluation.core import ChoiceItem, Encoder, LazyImage, accuracy_by_group, choice_correct
-from slipform_plugin.synthetic.scene import COLOURS, HARD_KINDS, SHAPES, Placed, World, get_world
+from slipform_plugin.synthetic.scene import (
+    COLOURS,
+    HARD_KINDS,
+    RELATIONS,
+    SHAPES,
+    Placed,
+    World,
+    get_world,
+    rel_is_horizontal,
+)
 
 _IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -133,6 +145,62 @@ PROBED_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "material", "te
 PROBE_RIDGE = 0.1
 
 
+def linear_probe(features: np.ndarray, labels: list[str]) -> dict[str, Any] | None:
+    """Two-fold ridge-regression classifier of ``labels`` from ``features [N, D]`` (one-hot targets, bias,
+    penalty :data:`PROBE_RIDGE`; fitted on the even positions and scored on the odd ones, then the other way
+    round). Returns ``{"accuracy", "majority", "classes"}``, or None when there is one label value or fewer
+    than 4 items."""
+    values = sorted(set(labels))
+    if len(values) < 2 or len(features) < 4:
+        return None
+    features = np.asarray(features, dtype=np.float64)
+    design = np.concatenate([features, np.ones((len(features), 1))], axis=1)
+    folds = (np.arange(len(features)) % 2 == 0, np.arange(len(features)) % 2 == 1)
+    index = np.array([values.index(label) for label in labels])
+    targets = np.eye(len(values))[index]
+    correct = []
+    for train, test in (folds, folds[::-1]):
+        x = design[train]
+        weights = np.linalg.solve(x.T @ x + PROBE_RIDGE * np.eye(x.shape[1]), x.T @ targets[train])
+        correct.append(float((np.argmax(design[test] @ weights, axis=1) == index[test]).mean()))
+    return {
+        "accuracy": float(np.mean(correct)),
+        "majority": float(np.bincount(index).max() / len(index)),
+        "classes": len(values),
+    }
+
+
+def layout_labels(scene: dict[str, Any]) -> dict[str, str]:
+    """What a scene's image alone says about where its two groups are, as probe labels.
+
+    ``relation_axis``: ``horizontal`` (left/right) or ``vertical`` (above/below). ``relation_by_colour``: the
+    relation of the group whose colour comes first in :data:`~slipform_plugin.synthetic.scene.COLOURS` to the
+    other group; unlike the caption's relation it does not depend on which group the caption names first,
+    so it is a function of the image, and decoding it takes binding each colour to its position.
+    """
+    relation = scene["relation"]
+    colours = list(COLOURS)
+    subject_first = colours.index(scene["subject"]["colour"]) < colours.index(scene["reference"]["colour"])
+    return {
+        "relation_axis": "horizontal" if rel_is_horizontal(relation) else "vertical",
+        "relation_by_colour": relation if subject_first else RELATIONS[relation],
+    }
+
+
+def layout_probe(features: np.ndarray, scenes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Linear decodability of the scene layout (:func:`layout_labels`) from whole-image features ``[N, D]``.
+
+    Returns ``{label: {"accuracy", "majority", "classes"}, "n": N}`` (labels with a single value left out)."""
+    labels = [layout_labels(scene) for scene in scenes]
+    result: dict[str, Any] = {}
+    for name in ("relation_axis", "relation_by_colour"):
+        probed = linear_probe(features, [item[name] for item in labels])
+        if probed is not None:
+            result[name] = probed
+    result["n"] = len(features)
+    return result
+
+
 def perception_probe(features: np.ndarray, subjects: list[dict[str, Any]]) -> dict[str, Any]:
     """Linear decodability of each attribute from image features alone: what the image tower perceives.
 
@@ -149,27 +217,11 @@ def perception_probe(features: np.ndarray, subjects: list[dict[str, Any]]) -> di
         ``{attribute: {"accuracy", "majority", "classes"}, "n": N}``; ``majority`` is the share of the most common
         value, the accuracy of a probe that ignores the image.
     """
-    features = np.asarray(features, dtype=np.float64)
-    design = np.concatenate([features, np.ones((len(features), 1))], axis=1)
-    folds = (np.arange(len(features)) % 2 == 0, np.arange(len(features)) % 2 == 1)
     result: dict[str, Any] = {}
     for attribute in PROBED_ATTRIBUTES:
-        labels = [str(subject[attribute]) for subject in subjects]
-        values = sorted(set(labels))
-        if len(values) < 2 or len(features) < 4:
-            continue
-        index = np.array([values.index(label) for label in labels])
-        targets = np.eye(len(values))[index]
-        correct = []
-        for train, test in (folds, folds[::-1]):
-            x = design[train]
-            weights = np.linalg.solve(x.T @ x + PROBE_RIDGE * np.eye(x.shape[1]), x.T @ targets[train])
-            correct.append(float((np.argmax(design[test] @ weights, axis=1) == index[test]).mean()))
-        result[attribute] = {
-            "accuracy": float(np.mean(correct)),
-            "majority": float(np.bincount(index).max() / len(index)),
-            "classes": len(values),
-        }
+        probed = linear_probe(features, [str(subject[attribute]) for subject in subjects])
+        if probed is not None:
+            result[attribute] = probed
     result["n"] = len(features)
     return result
 
@@ -240,11 +292,13 @@ def evaluate_synthetic(encoder: Encoder, samples: list[dict[str, Any]]) -> dict[
         zero_shot[attribute] = {"accuracy": float((predicted == truth).mean()), "classes": len(values)}
     zero_shot["n"] = len(samples)
     perception = perception_probe(subject_feats, [s["meta"]["scene"]["subject"] for s in samples])
+    layout = layout_probe(image_feats, [s["meta"]["scene"] for s in samples])
     return {
         "hard": hard,
         "retrieval": retrieval,
         "zero_shot": zero_shot,
         "perception": perception,
+        "layout": layout,
         "n": len(samples),
         "n_heldout": int(heldout.sum()),
     }
