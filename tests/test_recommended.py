@@ -88,8 +88,11 @@ def test_readme_own_loop_example_runs():
         "logit_scale": torch.tensor(2.0),
         "hn": torch.nn.functional.normalize(torch.randn(batch, negatives, dim), dim=-1),
         "scores": torch.rand(batch, negatives),
-        "mask": torch.rand(batch, negatives) > 0.3,
+        "mask": torch.ones(batch, negatives, dtype=torch.bool),
+        "kinds": torch.tensor([[0, 4, 5]] * batch),  # replace_object, swap_attributes, swap_objects
     }
     exec(code, scope)  # README's own code
     assert scope["loss_fn"].hard_columns == "separate" and torch.isfinite(scope["loss"])
     assert image.grad is not None and image.grad.abs().sum() > 0
+    assert 0.0 <= scope["accuracy"] <= 1.0
+    assert set(scope["by_kind"]) == {"replace_object", "swap_attributes", "swap_objects"}
