@@ -641,14 +641,7 @@ def training_kind_table(summary: dict[str, dict[str, Any]], configs: dict[str, C
             continue
         # the runs that logged kinds (a run reused from before the kinds were logged has none)
         cells = [f"({name}) {configs[name].label}", str(max(stat["n"] for stat in by_kind.values()))]
-        for kind in kinds:
-            stat = by_kind.get(kind)
-            if stat is None:
-                cells.append("n/a")
-            elif stat["n"] == 1:
-                cells.append(f"{100 * stat['mean']:.1f}")
-            else:
-                cells.append(f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}")
+        cells += [_percent_cell(by_kind.get(kind)) for kind in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -704,6 +697,16 @@ def paired_table(pairs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _percent_cell(stat: dict[str, Any] | None) -> str:
+    """A table cell of a fraction's ``{"mean", "std", "n"}``: ``"81.5 ± 11.0"`` in %, the mean alone for one
+    seed (no spread to show), ``"n/a"`` for None."""
+    if stat is None:
+        return "n/a"
+    if stat["n"] == 1:
+        return f"{100 * stat['mean']:.1f}"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
 def markdown_table(
     summary: dict[str, dict[str, Any]], configs: dict[str, Config], metrics: tuple[str, ...] = TABLE_METRICS
 ) -> str:
@@ -712,14 +715,7 @@ def markdown_table(
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in summary.items():
         cells = [f"({name}) {configs[name].label}", str(len(entry["seeds"]))]
-        for metric in metrics:
-            stat = entry.get(metric)
-            if stat is None:
-                cells.append("n/a")
-            elif stat["n"] == 1:  # one seed: no spread to show
-                cells.append(f"{100 * stat['mean']:.1f}")
-            else:
-                cells.append(f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}")
+        cells += [_percent_cell(entry.get(metric)) for metric in metrics]
         stat = entry.get("train_cpu_seconds")
         cells.append("n/a" if stat is None else f"{stat['mean']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -25,8 +25,8 @@ from slipform_plugin.losses.reference import (
     cement_loss_reference,
     hard_negative_accuracy,
     hard_negative_pair_wins,
+    hard_negative_row_wins,
     hard_negative_term,
-    hard_negative_wins,
     hard_pair_difficulty,
 )
 from slipform_plugin.recommended import RECOMMENDED_CEMENT
@@ -305,21 +305,20 @@ class CementLoss(nn.Module):
         if weight > 0:
             self.gate_state = self.gate_momentum * self.gate_state + (1.0 - self.gate_momentum) * excess / weight
 
-    def _meter_kinds(self, image: Tensor, text: Tensor, hard: Tensor, hn_mask: Tensor | None, hn_kinds: Tensor) -> None:
-        """Check ``hn_kinds`` and count this batch's pairwise wins by kind."""
-        if not isinstance(hn_kinds, Tensor) or hn_kinds.shape != hard.shape[:2]:
+    def _meter_kinds(self, pair_wins: Tensor, hn_mask: Tensor | None, hn_kinds: Tensor) -> None:
+        """Check ``hn_kinds`` and count this batch's pairwise wins (bool ``[B, K]``) by kind."""
+        if not isinstance(hn_kinds, Tensor) or hn_kinds.shape != pair_wins.shape:
             got = tuple(hn_kinds.shape) if isinstance(hn_kinds, Tensor) else type(hn_kinds).__name__
-            raise ValueError(f"CementLoss: hn_kinds: expected shape {tuple(hard.shape[:2])} ([B, K]), got {got}")
+            raise ValueError(f"CementLoss: hn_kinds: expected shape {tuple(pair_wins.shape)} ([B, K]), got {got}")
         if hn_kinds.dtype.is_floating_point or hn_kinds.dtype == torch.bool or hn_kinds.is_complex():
             raise ValueError(f"CementLoss: hn_kinds: expected an integer tensor of kind ids, got {hn_kinds.dtype}")
-        mask = torch.ones(hard.shape[:2], dtype=torch.bool, device=hard.device) if hn_mask is None else hn_mask.bool()
+        mask = torch.ones_like(pair_wins) if hn_mask is None else hn_mask.bool()
         real_kinds = hn_kinds[mask]
         if real_kinds.numel() and (int(real_kinds.min()) < 0 or int(real_kinds.max()) >= len(HARD_NEGATIVE_KINDS)):
             raise ValueError(
                 f"CementLoss: hn_kinds: expected kind ids in [0, {len(HARD_NEGATIVE_KINDS)}) "
                 f"(HARD_NEGATIVE_KINDS), got values from {int(real_kinds.min())} to {int(real_kinds.max())}"
             )
-        pair_wins = hard_negative_pair_wins(image, text, hard, mask)
         self.hard_negative_meter.update_kinds(pair_wins, mask, hn_kinds)
 
     def extra_repr(self) -> str:
@@ -380,10 +379,12 @@ class CementLoss(nn.Module):
         )
         batch = image_features.shape[0]
         if hn_text_features is not None:
-            wins, has_negative = hard_negative_wins(image_features, text_features, hn_text_features, hn_mask)
+            # One [B, K] comparison serves the row accuracy, the per-kind accuracy and the gate.
+            pair_wins = hard_negative_pair_wins(image_features, text_features, hn_text_features, hn_mask)
+            wins, has_negative = hard_negative_row_wins(pair_wins, hn_mask)
             self.hard_negative_meter.update(wins.sum(), has_negative.sum())
             if hn_kinds is not None:
-                self._meter_kinds(image_features, text_features, hn_text_features, hn_mask, hn_kinds)
+                self._meter_kinds(pair_wins, hn_mask, hn_kinds)
             if self.margin_gate != "none" and self.training:
                 self._update_gate(wins, has_negative, hn_mask, hn_text_features.shape[1])
             if hn_mask is None:

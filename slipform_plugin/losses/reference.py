@@ -216,14 +216,23 @@ def hard_negative_wins(
     Returns:
         ``(wins, has_negative)``, both bool ``[B]``; ``wins`` is False where a row has no real negative.
     """
-    with torch.no_grad():
-        pair_wins = hard_negative_pair_wins(image_features, text_features, hn_text_features, hn_mask)
-        if hn_mask is None:
-            hn_mask = torch.ones(pair_wins.shape, dtype=torch.bool, device=pair_wins.device)
-        real = hn_mask.bool()
-        has_negative = real.any(dim=1)
-        wins = (pair_wins | ~real).all(dim=1) & has_negative
-        return wins, has_negative
+    pair_wins = hard_negative_pair_wins(image_features, text_features, hn_text_features, hn_mask)
+    return hard_negative_row_wins(pair_wins, hn_mask)
+
+
+def hard_negative_row_wins(pair_wins: Tensor, hn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Rows whose caption beats all of its real hard negatives, from :func:`hard_negative_pair_wins`.
+
+    Args:
+        pair_wins: bool ``[B, K]``; hn_mask: ``[B, K]`` or None (all real).
+    Returns:
+        ``(wins, has_negative)``, both bool ``[B]``; ``wins`` is False where a row has no real negative.
+    """
+    if hn_mask is None:
+        hn_mask = torch.ones(pair_wins.shape, dtype=torch.bool, device=pair_wins.device)
+    real = hn_mask.bool()
+    has_negative = real.any(dim=1)
+    return (pair_wins | ~real).all(dim=1) & has_negative, has_negative
 
 
 def hard_negative_term(
