@@ -113,7 +113,7 @@ def cement_loss(
         local_start, local_size: the ``B`` local rows/columns inside the ``M`` gathered ones (default: all).
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
         check_finite: raise on NaN/Inf features and on ``hn_scores`` outside [0, 1] (one reduction per
-            tensor; turn off for speed).
+            tensor, read back in a single host-device synchronisation; turn off for speed).
     Returns:
         Scalar fp32 loss ``(sum of local row CEs + sum of local column CEs) / (2B)``.
     """

@@ -44,11 +44,32 @@ def _check_tensor(name: str, value: object) -> Tensor:
     return value
 
 
-def _check_finite(name: str, tensor: Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+def _check_values(image: Tensor, text: Tensor, hard: Tensor | None, scores: Tensor | None) -> None:
+    """Raise on NaN/Inf features or ``hn_scores`` outside [0, 1], reading the device once when all is well.
+
+    Every check is reduced on the device into one small bool tensor and read back with a single ``tolist()``
+    (one host-device synchronisation per call, not one per tensor); only a failing call looks further, to name
+    the argument and what it holds.
+    """
+    named = [("image_features", image), ("text_features", text)]
+    if hard is not None:
+        named.append(("hn_text_features", hard))
+    if scores is not None:
+        named.append(("hn_scores", scores))
+    flags = [torch.isfinite(tensor).all() for _, tensor in named]
+    if scores is not None:
+        flags.append(((scores >= 0) & (scores <= 1)).all())
+    ok = torch.stack(flags).tolist()
+    for (name, tensor), finite in zip(named, ok):
+        if not finite:
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+            raise ValueError(
+                f"{name}: expected finite values, got {bad} (pass check_finite=False to skip this check for speed)"
+            )
+    if scores is not None and not ok[-1]:
         raise ValueError(
-            f"{name}: expected finite values, got {bad} (pass check_finite=False to skip this check for speed)"
+            f"hn_scores: expected values in [0, 1], got min {float(scores.min())}, "
+            f"max {float(scores.max())} (pass check_finite=False to skip this check for speed)"
         )
 
 
@@ -73,7 +94,7 @@ def validate_inputs(
         image_features: ``[M, D]``; text_features: ``[M, D]``; hn_text_features: ``[B, K, D]`` or None;
         hn_scores: ``[B, K]`` or None; hn_mask: ``[B, K]`` bool or None; the rest as in ``cement_loss``.
         check_finite: also check values: features finite, ``hn_scores`` finite and in [0, 1] (one reduction
-            per tensor and a host sync).
+            per tensor, all read back in one host sync).
         caller: prefix of every message (``"CementLoss"`` gives ``"CementLoss: image_features: expected ..."``).
     Returns:
         The derived sizes and the scale as an fp32 0-dim tensor.
@@ -201,15 +222,5 @@ def _validate(
             raise ValueError(f"hn_scores: expected a floating dtype, got {hn_scores.dtype}")
 
     if check_finite:
-        _check_finite("image_features", image)
-        _check_finite("text_features", text)
-        if hn_text_features is not None:
-            _check_finite("hn_text_features", hn_text_features)
-        if hn_scores is not None:
-            _check_finite("hn_scores", hn_scores)
-            if not bool(((hn_scores >= 0) & (hn_scores <= 1)).all()):
-                raise ValueError(
-                    f"hn_scores: expected values in [0, 1], got min {float(hn_scores.min())}, "
-                    f"max {float(hn_scores.max())} (pass check_finite=False to skip this check for speed)"
-                )
+        _check_values(image, text, hn_text_features, hn_scores)
     return CheckedInputs(num_total, dim, local_start, size, num_hard, scale)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import os
 import re
 import socket
+import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
+from torch.overrides import TorchFunctionMode
 
 from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
-from slipform_plugin.losses import CementLoss, HardNegativeMeter, InfoNCELoss, cement_loss_reference
-from slipform_plugin.losses.reference import hard_negative_pair_wins, hard_negative_wins
+from slipform_plugin.losses import RECOMMENDED_CEMENT, CementLoss, HardNegativeMeter, InfoNCELoss, cement_loss_reference
+from slipform_plugin.losses.reference import hard_negative_pair_wins, hard_negative_row_wins, hard_negative_wins
 
 IMPLS = ["reference", "chunked"]
 
@@ -213,6 +215,78 @@ def test_pair_wins_agree_with_row_wins():
     wins, has_negative = hard_negative_wins(image, text, hard, mask)
     torch.testing.assert_close(has_negative, mask.any(1))
     torch.testing.assert_close(wins, (pair_wins | ~mask).all(1) & mask.any(1))
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that read a tensor's value back to Python (each one a host-device sync on a GPU)."""
+
+    READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            caller = traceback.extract_stack(limit=2)[0]
+            self.reads.append(f"{func.__name__} at {caller.filename.rsplit('/', 1)[-1]}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_hard_negative_meter_never_reads_the_device_while_counting():
+    """The per-step updates run on meta tensors, which have no values: any read-back would raise."""
+    image, text, hard, _, mask = features(6, 8, negatives=3, seed=3)
+    kinds = torch.randint(0, len(HARD_NEGATIVE_KINDS), (6, 3))
+    pair_wins = hard_negative_pair_wins(image, text, hard, mask)
+    wins, has_negative = hard_negative_row_wins(pair_wins, mask)
+    meter = HardNegativeMeter()
+    for _ in range(2):
+        meter.update(wins.sum().to("meta"), has_negative.sum().to("meta"))
+        meter.update_kinds(pair_wins.to("meta"), mask.to("meta"), kinds.to("meta"))
+    loss_fn = CementLoss(impl="reference", check_finite=False)
+    loss_fn._meter_kinds(pair_wins.to("meta"), mask.to("meta"), kinds.to("meta"))
+    with pytest.raises(RuntimeError, match="meta"):
+        meter.pop()  # the one read-back, at log time
+
+
+@pytest.mark.parametrize(("check_finite", "most_reads"), [(False, 2), (True, 4)])
+def test_recommended_loss_reads_the_device_a_fixed_few_times_per_call(check_finite, most_reads):
+    """Without the value checks only the logit scale is read back (the kernels take it as a number); with them,
+    one read for the feature checks and one for the kind ids, not one per tensor, and never one for logging."""
+    image, text, hard, scores, mask = features(8, 16, negatives=3, seed=4)
+    kinds = torch.randint(0, len(HARD_NEGATIVE_KINDS), (8, 3))
+    loss_fn = CementLoss(**RECOMMENDED_CEMENT, impl="chunked", check_finite=check_finite)
+    with HostReads() as mode:
+        loss_fn(image, text, torch.tensor(10.0), None, hard, scores, mask, hn_kinds=kinds)
+    assert len(mode.reads) <= most_reads, mode.reads
+    assert not [read for read in mode.reads if "__init__.py" in read and not check_finite], mode.reads
+    assert loss_fn.hard_negative_meter.pop() is not None and loss_fn.hard_negative_meter.pop_kinds()
+
+
+def test_kind_ids_outside_the_kinds_are_not_counted_when_unchecked(caplog):
+    image, text, hard, scores, _ = features(4, 8, negatives=2, seed=2)
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    kinds = torch.tensor([[0, 7], [0, -3], [0, 0], [0, 0]])
+    loss_fn = CementLoss(impl="reference", check_finite=False)
+    loss_fn(image, text, 10.0, None, hard, scores, mask, hn_kinds=kinds)
+    with caplog.at_level("WARNING", logger="slipform_plugin.losses"):
+        by_kind = loss_fn.hard_negative_meter.pop_kinds()
+    assert list(by_kind) == [HARD_NEGATIVE_KINDS[0]]
+    positive = (image * text).sum(-1)
+    kind_zero = [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1)]  # the real negatives with a valid id
+    wins = [bool(positive[row] > image[row] @ hard[row, column]) for row, column in kind_zero]
+    assert by_kind[HARD_NEGATIVE_KINDS[0]] == pytest.approx(sum(wins) / len(wins))
+    assert loss_fn.hard_negative_meter.ignored_kind_ids == 2
+    assert "2 real negatives had kind ids outside [0, 7)" in caplog.text
+
+
+def test_hard_negative_meter_takes_plain_counts():
+    meter = HardNegativeMeter()
+    meter.update(3, 4)
+    meter.update(torch.tensor(1), torch.tensor(4))
+    assert meter.pop() == pytest.approx(0.5)
+    meter.update(0, 0)
+    assert meter.pop() is None and meter.pop_kinds() == {}
 
 
 @pytest.mark.parametrize(

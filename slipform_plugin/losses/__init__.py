@@ -12,6 +12,7 @@ defined in :mod:`slipform_plugin.losses.reference` with one of three implementat
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -30,6 +31,8 @@ from slipform_plugin.losses.reference import (
     hard_pair_difficulty,
 )
 from slipform_plugin.recommended import RECOMMENDED_CEMENT
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "HARD_COLUMNS",
@@ -99,8 +102,10 @@ class CementLoss(nn.Module):
             image's hard negatives only, in a softmax of their own (``H_i = logsumexp(s x_i.y_i, z'_i1..z'_iK) -
             s x_i.y_i``), so the K fine-grained comparisons of a row are not diluted by its M in-batch columns.
         impl: ``"auto"``, ``"triton"``, ``"chunked"`` or ``"reference"``.
-        check_finite: raise a clear error on NaN/Inf features or ``hn_scores`` outside [0, 1] (costs one
-            reduction per tensor).
+        check_finite: raise a clear error on NaN/Inf features, ``hn_scores`` outside [0, 1] or ``hn_kinds``
+            ids outside ``HARD_NEGATIVE_KINDS`` (one reduction per tensor, read back in one host-device
+            synchronisation for the features and one for the kinds; off, the loss's own logging never waits
+            for the device).
         margin_gate: ``"none"`` (margins always at full strength) or ``"hn-accuracy"``: both margins are
             multiplied by a gate ``g`` in [0, 1] that opens only as far as the model already separates captions
             from their hard negatives: ``g = clip(EMA of the excess hard-negative accuracy, 0, 1)``, where a
@@ -313,12 +318,14 @@ class CementLoss(nn.Module):
         if hn_kinds.dtype.is_floating_point or hn_kinds.dtype == torch.bool or hn_kinds.is_complex():
             raise ValueError(f"CementLoss: hn_kinds: expected an integer tensor of kind ids, got {hn_kinds.dtype}")
         mask = torch.ones_like(pair_wins) if hn_mask is None else hn_mask.bool()
-        real_kinds = hn_kinds[mask]
-        if real_kinds.numel() and (int(real_kinds.min()) < 0 or int(real_kinds.max()) >= len(HARD_NEGATIVE_KINDS)):
-            raise ValueError(
-                f"CementLoss: hn_kinds: expected kind ids in [0, {len(HARD_NEGATIVE_KINDS)}) "
-                f"(HARD_NEGATIVE_KINDS), got values from {int(real_kinds.min())} to {int(real_kinds.max())}"
-            )
+        if self.check_finite:
+            num_kinds = len(HARD_NEGATIVE_KINDS)
+            if bool((mask & ((hn_kinds < 0) | (hn_kinds >= num_kinds))).any()):
+                real_kinds = hn_kinds[mask]
+                raise ValueError(
+                    f"CementLoss: hn_kinds: expected kind ids in [0, {num_kinds}) (HARD_NEGATIVE_KINDS), "
+                    f"got values from {int(real_kinds.min())} to {int(real_kinds.max())}"
+                )
         self.hard_negative_meter.update_kinds(pair_wins, mask, hn_kinds)
 
     def extra_repr(self) -> str:
@@ -509,50 +516,67 @@ class HardNegativeMeter:
 
     Two counts: rows whose caption beats all of its own real hard negatives (:meth:`pop`), and, when the
     batch says which kind each negative is, each negative the caption beats, by kind (:meth:`pop_kinds`).
+    The counts are int64 tensors kept on the device of the batches they come from, so an update never waits
+    for the device; only :meth:`pop` and :meth:`pop_kinds` read them back, once per log line.
     """
 
     def __init__(self) -> None:
-        self.correct = 0
-        self.counted = 0
-        self.kind_correct = [0] * len(HARD_NEGATIVE_KINDS)
-        self.kind_counted = [0] * len(HARD_NEGATIVE_KINDS)
+        self._rows: Tensor | None = None  # int64 [2]: rows won, rows counted
+        self._kinds: Tensor | None = None  # int64 [3, len(HARD_NEGATIVE_KINDS)]: beaten, counted, id outside
+        self.ignored_kind_ids = 0  # real negatives whose kind id was outside HARD_NEGATIVE_KINDS, popped so far
 
-    def update(self, correct: Tensor, counted: Tensor) -> None:
-        self.correct += int(correct)
-        self.counted += int(counted)
+    def update(self, correct: Tensor | int, counted: Tensor | int) -> None:
+        """Add ``correct`` rows won out of ``counted`` (scalar tensors, on any device, or ints)."""
+        device = correct.device if isinstance(correct, Tensor) else None
+        counts = torch.stack(
+            [torch.as_tensor(value, device=device).reshape(()).to(torch.int64) for value in (correct, counted)]
+        )
+        self._rows = counts if self._rows is None else self._rows + counts.to(self._rows.device)
 
     def update_kinds(self, pair_wins: Tensor, hn_mask: Tensor, hn_kinds: Tensor) -> None:
-        """Count each real negative under its kind.
+        """Count each real negative under its kind, on the device (no boolean indexing, no read-back).
 
         Args:
             pair_wins: bool ``[B, K]``, the caption beats that negative; hn_mask: bool ``[B, K]``;
             hn_kinds: integer ``[B, K]``, indices into :data:`~slipform_plugin.hard_negatives.HARD_NEGATIVE_KINDS`.
+                A real negative with an id outside them is not counted under any kind; :meth:`pop_kinds` logs a
+                warning with how many (:class:`CementLoss` raises on them instead while ``check_finite`` is on).
         """
+        ids = torch.arange(len(HARD_NEGATIVE_KINDS), device=hn_kinds.device)
+        match = hn_kinds.long().unsqueeze(-1) == ids  # [B, K, kinds]
         real = hn_mask.bool()
-        kinds = hn_kinds.long()
-        counted = torch.bincount(kinds[real], minlength=len(HARD_NEGATIVE_KINDS)).tolist()
-        correct = torch.bincount(kinds[real & pair_wins.bool()], minlength=len(HARD_NEGATIVE_KINDS)).tolist()
-        for index in range(len(HARD_NEGATIVE_KINDS)):
-            self.kind_counted[index] += counted[index]
-            self.kind_correct[index] += correct[index]
+        beaten = (match & (real & pair_wins.bool()).unsqueeze(-1)).sum(dim=(0, 1))
+        counted = (match & real.unsqueeze(-1)).sum(dim=(0, 1))
+        outside = torch.zeros_like(counted)
+        outside[0] = (real & ~match.any(dim=-1)).sum()
+        counts = torch.stack([beaten, counted, outside]).to(torch.int64)
+        self._kinds = counts if self._kinds is None else self._kinds + counts.to(self._kinds.device)
 
     def pop(self) -> float | None:
         """Accuracy since the last call, or None when no row had a negative; resets the counts."""
-        value = self.correct / self.counted if self.counted else None
-        self.correct = self.counted = 0
-        return value
+        if self._rows is None:
+            return None
+        correct, counted = self._rows.tolist()
+        self._rows = None
+        return correct / counted if counted else None
 
     def pop_kinds(self) -> dict[str, float]:
         """Share of negatives of each kind that their caption beat since the last call (kinds seen only, in
         the order of ``HARD_NEGATIVE_KINDS``); resets the counts."""
-        value = {
-            kind: self.kind_correct[index] / self.kind_counted[index]
-            for index, kind in enumerate(HARD_NEGATIVE_KINDS)
-            if self.kind_counted[index]
-        }
-        self.kind_correct = [0] * len(HARD_NEGATIVE_KINDS)
-        self.kind_counted = [0] * len(HARD_NEGATIVE_KINDS)
-        return value
+        if self._kinds is None:
+            return {}
+        beaten, counted, outside = self._kinds.tolist()
+        self._kinds = None
+        if outside[0]:
+            self.ignored_kind_ids += outside[0]
+            logger.warning(
+                "Slipform: hn_kinds: %d real negatives had kind ids outside [0, %d) (HARD_NEGATIVE_KINDS) and "
+                "were not counted by kind",
+                outside[0],
+                len(HARD_NEGATIVE_KINDS),
+            )
+        kinds = enumerate(HARD_NEGATIVE_KINDS)
+        return {kind: beaten[index] / counted[index] for index, kind in kinds if counted[index]}
 
 
 def _common_kwargs(args: Any) -> dict[str, Any]:
