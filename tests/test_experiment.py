@@ -33,6 +33,7 @@ from slipform_plugin.evaluation.experiment import (
     training_kind_table,
 )
 from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS, HardNegative
+from slipform_plugin.synthetic import make_item
 
 CAPTIONS = [
     "two small red matte striped circles to the left of a large blue metallic solid square",
@@ -430,6 +431,34 @@ def test_oracle_negatives_planted_and_audited(tmp_path):
     assert audit_negatives(tmp_path / "planted", world="simple")["swap_attributes"]["in_vocabulary"] < 1.0
     first = oracle.plant(["x"], ["train000000000"])[0]
     assert first == oracle.plant(["x"], ["train000000000"])[0] and oracle.plant(["x"], ["unknown"]) == [[]]
+
+
+def test_audit_counts_negatives_that_change_only_unseen_words(tmp_path):
+    """In ``pair-relations-unseen`` a negative that changes only an age is true of its image. ConcretePlant ranks
+    the ages low and never plants one here; the uniform draw plants them at the rate the candidates hold them,
+    and the audit counts them (``unseen_only``), within the attribute kinds only."""
+    from slipform_plugin.concreteplant.corpus import corpus_vocabulary
+    from slipform_plugin.evaluation.ablations import plant_shards
+    from slipform_plugin.evaluation.experiment import audit_negatives
+    from slipform_plugin.synthetic import write_shards
+
+    world = "pair-relations-unseen"
+    summary = write_shards(tmp_path / "train", 40, seed=0, shard_size=20, image_size=32, world=world)
+    captions = [make_item(0, "train", i, 32, world=world).caption for i in range(40)]
+    vocabulary = corpus_vocabulary(captions)
+    audits = {}
+    for name, generator in (("concreteplant", ConcretePlant), ("uniform", UniformConcretePlant)):
+        plant_shards(generator(num_negatives=3, seed=0, vocabulary=vocabulary), summary.shards, tmp_path / name)
+        audits[name] = audit_negatives(tmp_path / name, world=world)
+    assert all(
+        entry["unseen_only"] == 0.0 and entry["in_vocabulary"] == 1.0 for entry in audits["concreteplant"].values()
+    )
+    uniform = audits["uniform"]
+    assert all(entry["in_vocabulary"] == 1.0 for entry in uniform.values())
+    assert uniform["replace_attribute"]["unseen_only"] > 0.1 and uniform["swap_attributes"]["unseen_only"] > 0.1
+    assert all(uniform[kind]["unseen_only"] == 0.0 for kind in ("replace_relation", "replace_object", "swap_objects"))
+    # audited as the world without ages, the age words are out of vocabulary
+    assert audit_negatives(tmp_path / "uniform", world="pair-relations")["replace_attribute"]["in_vocabulary"] < 1.0
 
 
 def test_paired_differences_pair_runs_by_seed():

@@ -27,12 +27,12 @@ from slipform_plugin.synthetic import (
     write_shards,
 )
 from slipform_plugin.synthetic.render import render_array
-from slipform_plugin.synthetic.scene import WORLDS, get_world
+from slipform_plugin.synthetic.scene import UNSEEN_AGES, WORLDS, get_world
 from slipform_plugin.synthetic.shards import main as make_shards_main
 
 COUNTS = {"a": 1, "an": 1, "two": 2, "three": 3}
 NOUNS = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}, "crosses": "cross"}
-_PHRASE = r"(a|an|two|three) (\w+) (\w+) (\w+) (\w+) (\w+)"
+_PHRASE = rf"(a|an|two|three) (\w+) (?:({'|'.join(UNSEEN_AGES)}) )?(\w+) (\w+) (\w+) (\w+)"
 CAPTION_RE = re.compile(rf"^{_PHRASE} ({'|'.join(RELATIONS)}) {_PHRASE}$")
 
 
@@ -42,19 +42,20 @@ def parse(caption: str) -> dict:
     assert m, f"caption does not follow the grammar: {caption!r}"
     g = m.groups()
 
-    def phrase(art, size, colour, material, texture, noun):
+    def phrase(art, size, age, colour, material, texture, noun):
         assert size in SIZES and colour in COLOURS and material in MATERIALS and texture in TEXTURES, caption
         assert noun in NOUNS, caption
         count = COUNTS[art]
         assert noun.endswith("s") == (count > 1) or noun == "cross", f"number disagreement in {caption!r}"
         return {"count": count, "size": size, "colour": colour, "material": material, "texture": texture,
-                "shape": NOUNS[noun]}  # fmt: skip
+                "shape": NOUNS[noun], "age": age or ""}  # fmt: skip
 
-    return {"subject": phrase(*g[:6]), "relation": g[6], "reference": phrase(*g[7:])}
+    return {"subject": phrase(*g[:7]), "relation": g[7], "reference": phrase(*g[8:])}
 
 
 def holds(parsed: dict, objects: list[dict]) -> bool:
-    """Whether a parsed caption is true of laid-out objects: exact counts and the relation between every pair."""
+    """Whether a parsed caption is true of laid-out objects: exact counts and the relation between every pair
+    (an age is never drawn, so it never decides)."""
     keys = ("shape", "colour", "size", "material", "texture")
 
     def matching(group):
@@ -90,7 +91,7 @@ def test_items():
     return [make_item(3, "test", i, 64) for i in range(300)]
 
 
-@pytest.fixture(scope="module", params=["default", "simple", "pair", "pair-relations"])
+@pytest.fixture(scope="module", params=["default", "simple", "pair", "pair-relations", "pair-relations-unseen"])
 def world_items(request, test_items):
     """300 test items of each world (the default world's are ``test_items``)."""
     if request.param == "default":
@@ -171,10 +172,39 @@ def test_simple_world_keeps_to_its_values_and_sizes():
     replaced = {item.hard["attribute_replace"]["attribute"] for item in items}
     assert swapped == replaced == {"size", "colour"} == set(simple.attributes)
     assert get_world("default") is WORLDS["default"] and get_world(simple) is simple
-    with pytest.raises(ValueError, match="world must be one of default, simple, pair, pair-relations, got 'huge'"):
+    with pytest.raises(
+        ValueError,
+        match="world must be one of default, simple, pair, pair-relations, pair-relations-unseen, got 'huge'",
+    ):
         make_item(0, "train", 0, world="huge")
     with pytest.raises(ValueError, match="world must be one of"):
         write_shards(Path("unused"), 4, world="huge")
+
+
+def test_unseen_world_is_pair_relations_with_an_age_in_every_caption():
+    """``pair-relations-unseen``: the items of ``pair-relations`` (same images, scenes and hard captions), each
+    described group given an age the image does not show; worlds without ages state none and store none."""
+    ages_seen = set()
+    for split in ("train", "test"):
+        for i in range(120):
+            plain, unseen = (make_item(3, split, i, 64, world=w) for w in ("pair-relations", "pair-relations-unseen"))
+            assert np.array_equal(plain.image, unseen.image) and unseen.meta["world"] == "pair-relations-unseen"
+            truth = parse(unseen.caption)
+            ages = (truth["subject"]["age"], truth["reference"]["age"])
+            assert all(age in UNSEEN_AGES for age in ages), unseen.caption
+            assert ages == (unseen.meta["scene"]["subject"]["age"], unseen.meta["scene"]["reference"]["age"])
+            ages_seen.update(ages)
+
+            def without_ages(text: str) -> str:
+                return " ".join(word for word in text.split() if word not in UNSEEN_AGES)
+
+            assert without_ages(unseen.caption) == plain.caption
+            for kind, hard in unseen.hard.items():  # the same hard captions, every one keeping the ages
+                assert without_ages(hard["caption"]) == plain.hard[kind]["caption"]
+                assert (parse(hard["caption"])["subject"]["age"], parse(hard["caption"])["reference"]["age"]) == ages
+            assert all("age" not in obj for obj in unseen.meta["scene"]["objects"])  # nothing drawn has an age
+            assert "age" not in plain.meta["scene"]["subject"] and "age" not in plain.meta["scene"]["reference"]
+    assert ages_seen == set(UNSEEN_AGES) and WORLDS["pair-relations-unseen"].attributes == ("colour",)
 
 
 @pytest.mark.parametrize("name", ["pair", "pair-relations"])

@@ -382,14 +382,20 @@ def audit_negatives(planted_dir: Path, world: str = "default") -> dict[str, dict
     ``in_vocabulary``: every word of the negative occurs in the synthetic captions' vocabulary (otherwise a text
     encoder can reject it from the unknown word alone, without the image); ``binding_swap``: it is exactly a
     caption the test's ``attribute_swap``/``object_swap`` kinds could ask about (one attribute or the shape
-    exchanged between the two groups, word order kept).
+    exchanged between the two groups, word order kept); ``unseen_only``: it changes only words the image never
+    shows (a world's ``ages``), so it is *true* of the image: a false negative.
     """
     import tarfile
 
     from slipform_plugin.synthetic.scene import COLOURS, COUNT_WORDS, PLURALS, RELATIONS, SHAPES, SIZES
 
-    materials, textures = get_world(world).materials, get_world(world).textures
+    materials, textures, unseen = get_world(world).materials, get_world(world).textures, set(get_world(world).ages)
     vocabulary = {*COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *materials, *textures, *COUNT_WORDS.values(), "an"}
+    vocabulary |= unseen
+
+    def seen_words(text: str) -> list[str]:
+        return [word for word in text.split() if word not in unseen]
+
     vocabulary |= {word for relation in RELATIONS for word in relation.split()}
     counts: dict[str, dict[str, float]] = {}
     for path in sorted(planted_dir.glob("*.tar")):
@@ -402,19 +408,21 @@ def audit_negatives(planted_dir: Path, world: str = "default") -> dict[str, dict
         for parts in samples.values():
             if "hn.json" not in parts or "json" not in parts:
                 continue
-            swaps = _binding_swaps(json.loads(parts["json"])["scene"])
+            meta = json.loads(parts["json"])
+            swaps, seen_caption = _binding_swaps(meta["scene"]), seen_words(meta["caption"])
             for negative in json.loads(parts["hn.json"]):
                 entry = counts.setdefault(
-                    negative["kind"], {"n": 0, "score": 0.0, "in_vocabulary": 0, "binding_swap": 0}
+                    negative["kind"], {"n": 0, "score": 0.0, "in_vocabulary": 0, "binding_swap": 0, "unseen_only": 0}
                 )
                 entry["n"] += 1
                 entry["score"] += float(negative["score"])
                 entry["in_vocabulary"] += set(negative["text"].split()) <= vocabulary
                 entry["binding_swap"] += negative["text"] in swaps
+                entry["unseen_only"] += seen_words(negative["text"]) == seen_caption
     for entry in counts.values():
         n = max(1, entry["n"])
         entry.update(score=entry["score"] / n, in_vocabulary=entry["in_vocabulary"] / n)
-        entry["binding_swap"] = entry["binding_swap"] / n
+        entry.update(binding_swap=entry["binding_swap"] / n, unseen_only=entry["unseen_only"] / n)
     return dict(sorted(counts.items()))
 
 
@@ -838,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=WORLD,
         help=f"synthetic world of train and test data (default {WORLD}: two objects, four relations; default: the "
         "benchmark of make-shards, with sizes, materials, textures, counts and distractors; simple, pair: "
-        "calibration worlds, see make-shards --help)",
+        "calibration worlds; pair-relations-unseen: its captions also state an age per object that the image never "
+        "shows, see make-shards --help)",
     )
     p.add_argument(
         "--single-group-fraction",

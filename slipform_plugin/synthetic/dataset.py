@@ -24,6 +24,7 @@ from slipform_plugin.synthetic.scene import (
     hard_captions,
     layout_scene,
     sample_scene,
+    with_ages,
 )
 
 MIN_IMAGE_SIZE = 24
@@ -103,6 +104,7 @@ def make_item(
             continue
     else:
         raise LayoutError(f"no scene fitted a {image_size}px canvas in 50 tries; use a larger image_size")
+    scene = with_ages(scene, random.Random(f"slipform-{seed}-{split}-{index}-ages"), world)  # own stream
     hard = hard_captions(scene, rng, world)  # drawn for every item, so the rng stream stays the same
     background = rng.randint(20, 45)
     key = f"{split}{index:09d}"

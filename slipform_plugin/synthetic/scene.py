@@ -21,7 +21,12 @@ texture, larger objects, at most two per group and one distractor) is the calibr
 easy and only colour, size and shape vary; ``pair`` is the issue's first calibration check (two large objects,
 one of each group, no distractor, always "to the left of"), where only colour and shape vary and word order alone
 says which object is where; ``pair-relations`` is ``pair`` with the benchmark's four relations, so that binding a
-colour to its object takes its shape or the relation word.
+colour to its object takes its shape or the relation word; ``pair-relations-unseen`` is ``pair-relations`` whose
+captions also give each object an age ("a large old red ..."), drawn at random and never drawn in the image, as
+natural captions state what a picture cannot show ("an old car", "a modern kitchen"): changing it makes a
+negative that is true of the image, so it is where choosing *which* word to change (concreteness) can matter.
+Its items are ``pair-relations``' items (same scenes, images and hard captions) with the ages added to every
+caption (:func:`with_ages`, from a random stream of their own).
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ RELATIONS: dict[str, str] = {
     "above": "below",
     "below": "above",
 }
+#: age words of ``pair-relations-unseen``: stated by captions, never rendered; ConcretePlant's lexicon rates
+#: them low (within-adjective concreteness percentiles 0.08 to 0.22, against 0.55 to 0.98 for the colours)
+UNSEEN_AGES: tuple[str, ...] = ("old", "new", "young", "modern", "vintage")
 COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 #: object radius as a fraction of the image side, per size word
 RADIUS_FRACTION: dict[str, float] = {"small": 0.075, "large": 0.125}
@@ -95,6 +103,8 @@ class World:
     radius_fraction: tuple[tuple[str, float], ...] = tuple(RADIUS_FRACTION.items())
     max_count: int = MAX_COUNT
     max_distractors: int = 2
+    #: words captions give every described group that images never show (after the size); empty: none
+    ages: tuple[str, ...] = ()
 
     def values(self, attribute: str) -> tuple[str, ...]:
         """The values ``attribute`` takes in this world (``"size"``, ``"colour"``, ``"material"``, ...)."""
@@ -131,6 +141,8 @@ WORLDS: dict[str, World] = {
 }
 #: ``pair`` with the four relations of the benchmark: word order alone no longer says where an object is
 WORLDS["pair-relations"] = replace(WORLDS["pair"], name="pair-relations", relations=tuple(RELATIONS))
+#: ``pair-relations`` whose captions state an age per object that the image never shows
+WORLDS["pair-relations-unseen"] = replace(WORLDS["pair-relations"], name="pair-relations-unseen", ages=UNSEEN_AGES)
 DEFAULT_WORLD = WORLDS["default"]
 
 
@@ -157,11 +169,13 @@ class Group:
     material: str
     texture: str
     count: int = 1
+    #: an unseen word (``World.ages``); "" states none
+    age: str = ""
 
     def phrase(self) -> str:
-        """The noun phrase, e.g. ``"two small red matte striped circles"``."""
+        """The noun phrase, e.g. ``"two small red matte striped circles"`` (``"a large old red ..."`` with an age)."""
         noun = self.shape if self.count == 1 else PLURALS[self.shape]
-        words = [self.size, self.colour, self.material, self.texture, noun]
+        words = [self.size, *([self.age] if self.age else []), self.colour, self.material, self.texture, noun]
         article = COUNT_WORDS[self.count]
         if article == "a" and words[0][0] in "aeiou":
             article = "an"
@@ -202,13 +216,21 @@ class Scene:
         """A JSON-serialisable description (used as the ``json`` entry of a sample)."""
         objects = [dict(vars(o), x=round(o.x, 2), y=round(o.y, 2), radius=round(o.radius, 2)) for o in self.objects]
         return {
-            "subject": dict(vars(self.subject)),
+            "subject": _group_json(self.subject),
             "relation": self.relation,
-            "reference": dict(vars(self.reference)),
-            "distractors": [dict(vars(d)) for d in self.distractors],
+            "reference": _group_json(self.reference),
+            "distractors": [_group_json(d) for d in self.distractors],
             "heldout": list(self.heldout),
             "objects": objects,
         }
+
+
+def _group_json(group: Group) -> dict[str, Any]:
+    """A group's fields; ``age`` only when it states one (so worlds without ages write what they always wrote)."""
+    fields = dict(vars(group))
+    if not fields["age"]:
+        del fields["age"]
+    return fields
 
 
 def caption_of(subject: Group, relation: str, reference: Group) -> str:
@@ -272,6 +294,16 @@ def _random_group(rng: random.Random, shape: str, colour: str, count: int, world
         texture=rng.choice(world.textures),
         count=count,
     )
+
+
+def with_ages(scene: Scene, rng: random.Random, world: World) -> Scene:
+    """``scene`` with an age from ``world.ages`` drawn by ``rng`` for each described group (unchanged when the
+    world has none). Ages are never laid out or rendered, and callers draw them from their own random stream, so
+    a world with ages has exactly the scenes and images of the same world without them."""
+    if not world.ages:
+        return scene
+    subject = replace(scene.subject, age=rng.choice(world.ages))
+    return replace(scene, subject=subject, reference=replace(scene.reference, age=rng.choice(world.ages)))
 
 
 def sample_scene(rng: random.Random, split: str, heldout: HeldOut, world: World = DEFAULT_WORLD) -> Scene:
