@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(WORLDS),
         default="default",
         help="scene world: default (the benchmark), simple (one material, one texture, larger objects), pair (two "
-        "large objects, always 'to the left of'), pair-relations (pair with the four relations) or pair-relations-unseen "
-        "(pair-relations whose captions also state an age per object that the image never shows)",
+        "large objects, always 'to the left of'), pair-relations (pair with the four relations) or "
+        "pair-relations-unseen (pair-relations whose captions also state an age per object that the image never "
+        "shows)",
     )
     parser.add_argument(
         "--single-group-fraction",
