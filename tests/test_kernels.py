@@ -4,6 +4,9 @@ Triton kernels run under the interpreter on CPU: ``TRITON_INTERPRET=1`` must be 
 ``slipform_plugin.kernels.triton_cement`` is imported (triton reads it when the kernels are decorated), so it is
 set at the top of this module, before anything imports that file. Shapes stay tiny: the interpreter is about
 1000 times slower than torch.
+
+``SLIPFORM_KERNEL_TEST_DEVICE=cuda`` runs the reference comparisons (``-k matches_reference``) on a GPU with the
+compiled kernels instead, as ``.ci/device-check`` does; the other tests assume the CPU default.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import math
 import os
 import re
 
-os.environ["TRITON_INTERPRET"] = "1"
+# interpreted on the CPU default; compiled (TRITON_INTERPRET=0) with SLIPFORM_KERNEL_TEST_DEVICE=cuda
+os.environ["TRITON_INTERPRET"] = "1" if os.environ.get("SLIPFORM_KERNEL_TEST_DEVICE", "cpu") == "cpu" else "0"
 
 import subprocess
 import sys
@@ -26,8 +30,11 @@ from slipform_plugin.kernels.chunked import TileConfig, TiledLSE
 
 from slipform_plugin.losses.reference import cement_loss_reference
 
+#: where make_inputs puts its tensors: "cpu" (the default, Triton interpreted) or "cuda" (compiled kernels)
+DEVICE = os.environ.get("SLIPFORM_KERNEL_TEST_DEVICE", "cpu")
+
 triton_interpreted = pytest.mark.skipif(
-    "triton" not in available_impls("cpu"), reason="triton is not installed (the interpreter needs it)"
+    "triton" not in available_impls(DEVICE), reason=f"triton cannot run on {DEVICE} here (the interpreter needs it)"
 )
 
 #: Per-dtype tolerances (atol, rtol relative to the reference's largest magnitude).
@@ -45,19 +52,20 @@ def make_inputs(num_total, dim, num_hard, local_size, dtype, seed, *, scale=10.0
     generator = torch.Generator().manual_seed(seed)
 
     def features(*shape):
-        return F.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1).to(dtype)
+        drawn = torch.randn(*shape, generator=generator, dtype=torch.float64)
+        return F.normalize(drawn, dim=-1).to(device=DEVICE, dtype=dtype)
 
     inputs = {
         "image_features": features(num_total, dim).requires_grad_(),
         "text_features": features(num_total, dim).requires_grad_(),
-        "logit_scale": torch.tensor(float(scale)).requires_grad_(),
+        "logit_scale": torch.tensor(float(scale), device=DEVICE).requires_grad_(),
     }
     if num_hard:
         inputs["hn_text_features"] = features(local_size, num_hard, dim).requires_grad_()
-        inputs["hn_scores"] = torch.rand(local_size, num_hard, generator=generator)
+        inputs["hn_scores"] = torch.rand(local_size, num_hard, generator=generator).to(DEVICE)
         mask = torch.rand(local_size, num_hard, generator=generator) > 0.35
         mask[0] = False  # one row with every negative masked out
-        inputs["hn_mask"] = mask
+        inputs["hn_mask"] = mask.to(DEVICE)
     return inputs
 
 
@@ -67,7 +75,7 @@ def loss_and_grads(fn, inputs, grad_output=2.0, **kwargs):
         if isinstance(value, torch.Tensor):
             value.grad = None
     loss = fn(**inputs, **kwargs)
-    loss.backward(torch.tensor(grad_output))
+    loss.backward(torch.tensor(grad_output, device=loss.device))
     grads = {name: value.grad.clone() for name, value in inputs.items() if getattr(value, "requires_grad", False)}
     return loss.detach().clone(), grads
 
