@@ -112,6 +112,8 @@ setup(
             "none=slipform_plugin.data_stage:no_hard_negatives",
             "concreteplant=slipform_plugin.concreteplant:create_from_args",
             "concreteplant-uniform=slipform_plugin.evaluation.ablations:create_uniform_concreteplant",
+            "concreteplant-uniform-kinds="
+            "slipform_plugin.evaluation.ablations:create_kind_matched_uniform_concreteplant",
         ],
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -34,6 +34,8 @@ _BUILTIN_HARD_NEGATIVES = {
     "concreteplant": "slipform_plugin.concreteplant:create_from_args",
     # The concreteness ablation: ConcretePlant's candidates, drawn uniformly instead of by concreteness.
     "concreteplant-uniform": "slipform_plugin.evaluation.ablations:create_uniform_concreteplant",
+    # The same with ConcretePlant's mix of kinds kept: only the word within each kind is drawn uniformly.
+    "concreteplant-uniform-kinds": "slipform_plugin.evaluation.ablations:create_kind_matched_uniform_concreteplant",
 }
 #: Built-in losses that take hard negatives; third-party ones declare ``accepts_hard_negatives``.
 LOSSES_WITHOUT_HARD_NEGATIVES = frozenset({"clip"})

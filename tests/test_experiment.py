@@ -22,7 +22,12 @@ from types import SimpleNamespace
 import pytest
 
 from slipform_plugin.concreteplant import ConcretePlant, sampling
-from slipform_plugin.evaluation.ablations import UniformConcretePlant, create_uniform_concreteplant, sample_uniform
+from slipform_plugin.evaluation.ablations import (
+    KindMatchedUniformConcretePlant,
+    UniformConcretePlant,
+    create_uniform_concreteplant,
+    sample_uniform,
+)
 from slipform_plugin.evaluation.experiment import (
     ALL_CONFIGS,
     MODEL,
@@ -165,12 +170,14 @@ def test_created_from_openclip_args_and_registered():
     from slipform_plugin import registry
 
     assert registry.get_hard_negative_factory("concreteplant-uniform") is create_uniform_concreteplant
+    matched = registry.get_hard_negative_factory("concreteplant-uniform-kinds")
+    assert isinstance(matched(SimpleNamespace(hn_num=2, hn_seed=0)), KindMatchedUniformConcretePlant)
 
 
 # ------------------------------------------------------------------------------------- experiment pieces
 def test_configs_differ_only_where_they_should():
     configs = build_configs(0.1, 0.05)
-    assert tuple(configs) == (*ALL_CONFIGS, "o")
+    assert set(configs) == {*ALL_CONFIGS, "dk", "o"}
     assert (configs["o"].negatives, configs["o"].hn_flag, configs["o"].flags) == (
         "synthetic-oracle",
         "concreteplant",
@@ -180,6 +187,7 @@ def test_configs_differ_only_where_they_should():
     assert configs["b"].flags == ("--loss", "infonce")
     assert configs["c"].flags == configs["d"].flags
     assert (configs["c"].negatives, configs["d"].negatives) == ("concreteplant", "concreteplant-uniform")
+    assert configs["dk"].flags == configs["c"].flags and configs["dk"].negatives == "concreteplant-uniform-kinds"
     assert "--cement-margin-batch" in configs["e1"].flags and configs["e1"].flags[-1] == "0"
     assert configs["e2"].flags[configs["e2"].flags.index("--cement-margin-hard") + 1] == "0"
     # Every Cement configuration runs ungated, with the pair difficulty, lambda 1 and the hard negatives in the
@@ -447,7 +455,12 @@ def test_audit_counts_negatives_that_change_only_unseen_words(tmp_path):
     captions = [make_item(0, "train", i, 32, world=world).caption for i in range(40)]
     vocabulary = corpus_vocabulary(captions)
     audits = {}
-    for name, generator in (("concreteplant", ConcretePlant), ("uniform", UniformConcretePlant)):
+    generators = (
+        ("concreteplant", ConcretePlant),
+        ("uniform", UniformConcretePlant),
+        ("uniform-kinds", KindMatchedUniformConcretePlant),
+    )
+    for name, generator in generators:
         plant_shards(generator(num_negatives=3, seed=0, vocabulary=vocabulary), summary.shards, tmp_path / name)
         audits[name] = audit_negatives(tmp_path / name, world=world)
     assert all(
@@ -457,8 +470,34 @@ def test_audit_counts_negatives_that_change_only_unseen_words(tmp_path):
     assert all(entry["in_vocabulary"] == 1.0 for entry in uniform.values())
     assert uniform["replace_attribute"]["unseen_only"] > 0.1 and uniform["swap_attributes"]["unseen_only"] > 0.1
     assert all(uniform[kind]["unseen_only"] == 0.0 for kind in ("replace_relation", "replace_object", "swap_objects"))
+    # the kind-matched draw keeps ConcretePlant's kinds, count for count, and draws the ages within them
+    matched = audits["uniform-kinds"]
+    assert {kind: entry["n"] for kind, entry in matched.items()} == {
+        kind: entry["n"] for kind, entry in audits["concreteplant"].items()
+    }
+    assert matched["replace_attribute"]["unseen_only"] > 0.1 and matched["swap_attributes"]["unseen_only"] > 0.1
     # audited as the world without ages, the age words are out of vocabulary
     assert audit_negatives(tmp_path / "uniform", world="pair-relations")["replace_attribute"]["in_vocabulary"] < 1.0
+
+
+def test_kind_matched_draw_keeps_concreteplant_kinds_per_caption():
+    """Caption by caption: ConcretePlant's kinds in ConcretePlant's number, distinct texts, and a different
+    word where a kind offers more than one; deterministic for (seed, key)."""
+    captions = [
+        "a red cup on a blue table",
+        "two small dogs sitting next to a large black cat",
+        "a man in a green shirt riding a bicycle down the street",
+        "an old wooden bench under a tall tree",
+    ]
+    keys = [f"k{i}" for i in range(len(captions))]
+    concrete = ConcretePlant(num_negatives=3, seed=5).plant(captions, keys)
+    matched = KindMatchedUniformConcretePlant(num_negatives=3, seed=5).plant(captions, keys)
+    assert matched == KindMatchedUniformConcretePlant(num_negatives=3, seed=5).plant(captions, keys)
+    for caption, ours, theirs in zip(captions, matched, concrete, strict=True):
+        assert Counter(n.kind for n in ours) == Counter(n.kind for n in theirs), caption
+        assert len({n.text for n in ours}) == len(ours) and caption not in {n.text for n in ours}
+    assert any([n.text for n in ours] != [n.text for n in theirs] for ours, theirs in zip(matched, concrete))
+    assert "KindMatchedUniformConcretePlant(" in repr(KindMatchedUniformConcretePlant())
 
 
 def test_paired_differences_pair_runs_by_seed():

@@ -69,6 +69,58 @@ class UniformConcretePlant(ConcretePlant):
         return sample_uniform(found, self.num_negatives, rng, self.kind_weights)
 
 
+def sample_uniform_of_kinds(
+    candidates: Sequence[Any], kinds: Sequence[str], rng: random.Random, caption: str = ""
+) -> list:
+    """One candidate per entry of ``kinds``, drawn uniformly among that kind's candidates (distinct texts, none
+    equal to ``caption``); a kind with no candidate left gives none. Scores are ignored.
+
+    ``candidates`` are objects with ``kind``, ``text`` and optionally ``primary`` (non-primary variants are
+    skipped, as both samplers do).
+    """
+    by_kind: dict[str, list] = {}
+    for candidate in candidates:
+        if getattr(candidate, "primary", True):
+            by_kind.setdefault(candidate.kind, []).append(candidate)
+    chosen: list = []
+    texts: set[str] = {caption.strip().lower()}
+    for kind in kinds:
+        pool = by_kind.get(kind, [])
+        while pool:
+            candidate = pool.pop(rng.randrange(len(pool)))
+            key = candidate.text.strip().lower()
+            if key and key not in texts:
+                texts.add(key)
+                chosen.append(candidate)
+                break
+    return chosen
+
+
+class KindMatchedUniformConcretePlant(ConcretePlant):
+    """ConcretePlant's kinds, a uniform word within each: the concreteness ablation without its change of kinds.
+
+    For every caption it first makes ConcretePlant's own draw (same seed, so the same kinds, in the same
+    number), then replaces each drawn negative by a candidate of the same kind drawn uniformly, ignoring
+    concreteness. :class:`UniformConcretePlant` also draws the kinds without ConcretePlant's preference for
+    concrete candidates, which changes the mix of kinds (in ``pair-relations`` it plants three times as many
+    shape changes); this generator keeps the mix, so that only *which word* a negative changes differs.
+    """
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("ConcretePlant(", "KindMatchedUniformConcretePlant(", 1)
+
+    def _select(self, found: list, key: str, caption: str) -> list:
+        """ConcretePlant's kinds for this caption, then a uniform candidate of each."""
+        kinds = [candidate.kind for candidate in super()._select(found, key, caption)]
+        rng = sampling.caption_rng(self.seed, key, "sample-uniform-kinds")
+        return sample_uniform_of_kinds(found, kinds, rng, caption)
+
+
+def create_kind_matched_uniform_concreteplant(args: Any) -> KindMatchedUniformConcretePlant:
+    """Entry point ``slipform.hard_negatives: concreteplant-uniform-kinds``, built from OpenCLIP's ``--hn-*`` flags."""
+    return KindMatchedUniformConcretePlant(**generator_kwargs(args))
+
+
 def create_uniform_concreteplant(args: Any) -> UniformConcretePlant:
     """Entry point ``slipform.hard_negatives: concreteplant-uniform``, built from OpenCLIP's ``--hn-*`` flags."""
     return UniformConcretePlant(**generator_kwargs(args))

@@ -11,6 +11,7 @@ a     ``--loss clip``                                              OpenCLIP's ba
 b     ``--loss infonce --hn concreteplant``                        the NegCLIP recipe (margins at zero)
 c     ``--loss cement --hn concreteplant``                         Slipform (the recommended settings)
 d     ``--loss cement --hn concreteplant-uniform``                 concreteness ablation (uniform draw)
+dk    c with ``--hn concreteplant-uniform-kinds``                  the same, ConcretePlant's kinds kept (extra)
 e1    c with ``--cement-margin-batch 0``                           concreteness margin only
 e2    c with ``--cement-margin-hard 0``                            difficulty margin only
 ====  ==========================================================  =========================================
@@ -87,7 +88,7 @@ HARD_WEIGHT: float = RECOMMENDED_CEMENT["hard_weight"]
 HARD_COLUMNS: str = RECOMMENDED_CEMENT["hard_columns"]
 ALL_CONFIGS: tuple[str, ...] = ("a", "b", "c", "d", "e1", "e2")
 #: configurations run only when named in --configs
-EXTRA_CONFIGS: tuple[str, ...] = ("o",)
+EXTRA_CONFIGS: tuple[str, ...] = ("dk", "o")
 HARD_KINDS: tuple[str, ...] = (
     "attribute_swap",
     "attribute_replace",
@@ -160,7 +161,7 @@ class Config:
     name: str
     label: str
     flags: tuple[str, ...]
-    negatives: str | None  # None, "concreteplant", "concreteplant-uniform" or "synthetic-oracle"
+    negatives: str | None  # None, "concreteplant", "concreteplant-uniform[-kinds]" or "synthetic-oracle"
     hn_flag: str | None = None  # the --hn value when it differs from ``negatives`` (the shards carry hn.json)
 
 
@@ -235,6 +236,13 @@ def build_configs(
             "Cement + uniform negatives",
             (*cement, "--cement-margin-hard", mh, "--cement-margin-batch", mb),
             "concreteplant-uniform",
+        ),
+        # Not in the default set: d without d's change of the mix of kinds (ConcretePlant's kinds, uniform words).
+        "dk": Config(
+            "dk",
+            "Cement + uniform words, ConcretePlant's kinds",
+            (*cement, "--cement-margin-hard", mh, "--cement-margin-batch", mb),
+            "concreteplant-uniform-kinds",
         ),
         "e1": Config(
             "e1",
@@ -315,7 +323,12 @@ def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern
     """Plant ``generator_name``'s negatives (``--hn-seed seed``) into the train shards once; returns the pattern."""
     from slipform_plugin.concreteplant import ConcretePlant, corpus_vocabulary, parse_kind_weights
     from slipform_plugin.concreteplant.offline import expand_shards, is_done
-    from slipform_plugin.evaluation.ablations import SyntheticOracleNegatives, UniformConcretePlant, plant_shards
+    from slipform_plugin.evaluation.ablations import (
+        KindMatchedUniformConcretePlant,
+        SyntheticOracleNegatives,
+        UniformConcretePlant,
+        plant_shards,
+    )
 
     shards = expand_shards([train_pattern])
     vocab_tag = "-corpusvocab" if settings.corpus_vocabulary else ""
@@ -333,7 +346,10 @@ def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern
         if generator_name == "synthetic-oracle":
             generator: Any = SyntheticOracleNegatives.from_shards(shards, settings.hn_num, seed)
         else:
-            plant_class = UniformConcretePlant if generator_name == "concreteplant-uniform" else ConcretePlant
+            plant_class = {
+                "concreteplant-uniform": UniformConcretePlant,
+                "concreteplant-uniform-kinds": KindMatchedUniformConcretePlant,
+            }.get(generator_name, ConcretePlant)
             generator = plant_class(
                 num_negatives=settings.hn_num,
                 seed=seed,
@@ -663,6 +679,8 @@ PAIRS: tuple[tuple[str, str, str], ...] = (
     ("e2", "a", "difficulty margin only"),
     ("c", "b", "what Cement adds to InfoNCE"),
     ("c", "d", "what concreteness ranking adds"),
+    ("c", "dk", "the ranking within each kind"),
+    ("d", "dk", "uniform kinds against ConcretePlant's"),
     ("o", "a", "oracle negatives against CLIP"),
 )
 #: the metrics of the paired table
@@ -831,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--configs",
         type=_config_list,
         default=list(ALL_CONFIGS),
-        help="subset of a,b,c,d,e1,e2 (default all) and o (oracle diagnostic)",
+        help="subset of a,b,c,d,e1,e2 (default all), dk (d with ConcretePlant's kinds) and o (oracle diagnostic)",
     )
     p.add_argument("--train-samples", type=positive_int, default=None, help="training samples per epoch")
     p.add_argument("--test-samples", type=positive_int, default=None, help="test items")
