@@ -405,14 +405,14 @@ def audit_negatives(planted_dir: Path, world: str = "default") -> dict[str, dict
 
     from slipform_plugin.synthetic.scene import COLOURS, COUNT_WORDS, PLURALS, RELATIONS, SHAPES, SIZES
 
-    materials, textures, unseen = get_world(world).materials, get_world(world).textures, set(get_world(world).ages)
-    vocabulary = {*COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *materials, *textures, *COUNT_WORDS.values(), "an"}
-    vocabulary |= unseen
+    spec = get_world(world)
+    unseen = set(spec.ages)
+    vocabulary = {*COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *spec.materials, *spec.textures, *unseen}
+    vocabulary |= {*COUNT_WORDS.values(), "an"} | {word for relation in RELATIONS for word in relation.split()}
 
     def seen_words(text: str) -> list[str]:
         return [word for word in text.split() if word not in unseen]
 
-    vocabulary |= {word for relation in RELATIONS for word in relation.split()}
     counts: dict[str, dict[str, float]] = {}
     for path in sorted(planted_dir.glob("*.tar")):
         samples: dict[str, dict[str, bytes]] = {}
