@@ -5,8 +5,11 @@ kinds, each negative keeping its own concreteness score for the loss) but draws 
 looking at concreteness: a kind is drawn as ConcretePlant draws it (uniformly among the kinds the caption
 has candidates of, by default), then a candidate uniformly within that kind. ConcretePlant instead weights
 candidates within a kind by ``floor + score ** 6`` and keeps low-concreteness candidates as a second tier.
-Kinds are balanced the same way in both on purpose, so that the ablation changes which *word* is changed
-and not the mix of kinds. This is the concreteness ablation (d) of ``slipform experiment``.
+Both draw a kind by the same rule, but ConcretePlant's tiers change which kinds it ends up with, so the two
+mixes of kinds differ (in ``pair-relations`` the uniform draw plants three times as many shape changes).
+This is the concreteness ablation (d) of ``slipform experiment``. :class:`KindMatchedUniformConcretePlant`
+(``--hn concreteplant-uniform-kinds``, the experiment's dk) keeps ConcretePlant's kinds caption by caption
+and draws only the word within each kind uniformly.
 
 Like ConcretePlant it is deterministic for ``(seed, sample key)``, pickles without its spaCy pipeline and
 never raises on a bad caption. :func:`plant_shards` plants it (or any generator) into shards offline.
