@@ -44,3 +44,20 @@ def int_in_range(low: int, high: int) -> Callable[[str], int]:
 
     parse.__name__ = f"int_in_range_{low}_{high}"
     return parse
+
+
+def float_in_range(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type accepting finite numbers in ``[low, high]``."""
+    expected = f"a number in [{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value:g}")
+        return value
+
+    parse.__name__ = f"float_in_range_{low:g}_{high:g}"
+    return parse

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slipform_plugin._argtypes import int_in_range, positive_int
+from slipform_plugin._argtypes import float_in_range, int_in_range, positive_int
 
 logger = logging.getLogger("slipform")
 
@@ -123,6 +123,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Concreteness scale of the score each ConcretePlant negative carries to Cement's concreteness margin: "
         "pos, its within-part-of-speech percentile (default); all, its percentile among all caption words, "
         "comparable across kinds (a changed preposition scores below a colour). Sampling ranks within POS either way.",
+    )
+    group.add_argument(
+        "--hn-first-tier-rating",
+        type=float_in_range(1.0, 5.0),
+        default=None,
+        metavar="RATING",
+        help="ConcretePlant: a change whose every side has a Brysbaert concreteness rating of at least RATING (1 to 5) "
+        "is drawn in the first tier even when it ranks low within its part of speech (shape nouns such as "
+        "'square', 4.33, sit at the 21st percentile of caption nouns). Default: the percentile cut alone.",
     )
     group.add_argument(
         "--hn-batch-size", type=positive_int, default=64, help="Captions per generator call in a worker (64)."

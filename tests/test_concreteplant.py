@@ -222,6 +222,79 @@ def test_score_scale_all_rescores_the_same_negatives(plant):
     assert create_from_args(argparse.Namespace(hn_num=3)).score_scale == "pos"
 
 
+def test_changed_rating_is_the_least_concrete_side():
+    from slipform_plugin.concreteplant.lexicon import changed_rating, lookup
+
+    assert changed_rating(["square"]) == pytest.approx(lookup("square"))
+    assert changed_rating(["red circle", "old square"]) == pytest.approx(min(lookup("circle"), lookup("square")))
+    assert changed_rating(["old", "red"]) == pytest.approx(lookup("old"))
+    assert changed_rating(["red", "qwzxv"]) is None and changed_rating(["qwzxv"]) is None
+
+
+class _Fake:
+    def __init__(self, text: str, kind: str, score: float) -> None:
+        self.text, self.kind, self.score = text, kind, score
+
+
+def test_sample_first_tier_predicate():
+    """A candidate the predicate marks is drawn in the first tier despite a low score; without it, it waits for
+    the second tier; a predicate marking nothing draws exactly what no predicate draws."""
+    import random
+
+    from slipform_plugin.concreteplant import sampling
+
+    weights = sampling.default_kind_weights()
+    low = [_Fake(f"low {i}", "replace_object", 0.2) for i in range(3)]
+    high = [_Fake(f"high {i}", "replace_attribute", 0.9) for i in range(3)]
+    candidates = low + high
+    for seed in range(20):
+        plain = sampling.sample(candidates, 3, random.Random(seed), weights)
+        assert {c.text for c in plain} == {c.text for c in high}
+        marked_none = sampling.sample(candidates, 3, random.Random(seed), weights, first_tier=lambda c: False)
+        assert [c.text for c in marked_none] == [c.text for c in plain]
+    drawn = [
+        c.kind
+        for seed in range(200)
+        for c in sampling.sample(candidates, 3, random.Random(seed), weights, first_tier=lambda c: c.score > 0.1)
+    ]
+    assert 0.35 < drawn.count("replace_object") / len(drawn) < 0.65  # kinds balanced again
+
+
+def test_first_tier_rating_draws_shape_nouns(plant):
+    """Shape nouns rank low among caption nouns (within-POS percentile under the second-tier cut), so by
+    default their changes are drawn only to reach K; with first_tier_rating=4 they are drawn like any other
+    kind, while a change of an ungrounded age (rated under 3.2) stays second-tier."""
+    from slipform_plugin.concreteplant.lexicon import lookup, percentile
+
+    assert percentile(lookup("square"), "NOUN") < 0.4 <= percentile(lookup("red"), "ADJ")
+    captions = ["an old red circle to the left of a new blue square", "a young yellow star above a vintage green cross"]
+    tiered = ConcretePlant(first_tier_rating=4)
+    tiered._nlp = plant.nlp
+    keys = [f"{i}" for i in range(150)]
+
+    def shares(generator):
+        kinds, ages = [], 0
+        for caption in captions:
+            for negatives in generator.plant([caption] * len(keys), keys):
+                for negative in negatives:
+                    kinds.append(negative.kind)
+                    changed = set(negative.text.split()) ^ set(caption.split())
+                    ages += bool(changed) and changed <= {"old", "new", "young", "vintage", "modern"}
+        objects = sum(kind in {"replace_object", "swap_objects"} for kind in kinds) / len(kinds)
+        return objects, ages
+
+    default_objects, default_ages = shares(plant)
+    tiered_objects, tiered_ages = shares(tiered)
+    assert default_objects < 0.15 and tiered_objects > 0.3
+    assert default_ages == tiered_ages == 0
+    assert "first_tier_rating=4" in repr(tiered) and "first_tier_rating" not in repr(plant)
+    for bad in (0.5, 6, float("nan")):
+        with pytest.raises(ValueError, match="--hn-first-tier-rating"):
+            ConcretePlant(first_tier_rating=bad)
+    assert create_from_args(argparse.Namespace(hn_num=3, hn_first_tier_rating=4.0)).first_tier_rating == 4.0
+    assert create_from_args(argparse.Namespace(hn_num=3)).first_tier_rating is None
+
+
 # ------------------------------------------------------------------------------------------- plant()
 CAPTIONS = [
     "A man riding a horse on the beach.",
@@ -405,6 +478,31 @@ def test_offline_score_scale(plant, tmp_path, monkeypatch):
     assert [[r["score"] for r in rs] for rs in records] == [[pytest.approx(n.score) for n in ns] for ns in rescored]
     with pytest.raises(SystemExit):
         offline.main([str(tmp_path / "in"), str(tmp_path / "bad"), "--score-scale", "global"])
+
+
+def test_offline_first_tier_rating(plant, tmp_path, monkeypatch):
+    """``slipform plant --first-tier-rating 4`` writes what ``ConcretePlant(first_tier_rating=4)`` plants."""
+    import webdataset as wds
+
+    captions = [*CAPTIONS, "an old red circle to the left of a new blue square"]
+    _write_shards(tmp_path / "in", captions, 1)
+    monkeypatch.setattr(offline, "_init_worker", _init_sharing(plant))
+    out = tmp_path / "tier"
+    args = [str(tmp_path / "in"), str(out), "--workers", "1", "--no-progress", "--first-tier-rating", "4"]
+    assert offline.main(args) == 0
+    rows = [
+        (sample["__key__"], sample["txt"].decode(), json.loads(sample["hn.json"]))
+        for sample in wds.WebDataset(str(out / "part-000.tar"), shardshuffle=False)
+    ]
+    expected = ConcretePlant(first_tier_rating=4)
+    expected._nlp = plant.nlp
+    keys, texts_in, records = zip(*rows, strict=True)
+    planted = expected.plant(list(texts_in), list(keys))
+    assert [[r["text"] for r in rs] for rs in records] == [[n.text for n in ns] for ns in planted]
+    default = plant.plant(list(texts_in), list(keys))
+    assert [[n.text for n in ns] for ns in default] != [[n.text for n in ns] for ns in planted]
+    with pytest.raises(SystemExit):
+        offline.main([str(tmp_path / "in"), str(tmp_path / "bad"), "--first-tier-rating", "0"])
 
 
 def _init_sharing(plant):
@@ -665,6 +763,19 @@ def test_hn_score_scale_flag(capsys):
     with pytest.raises(SystemExit):
         params.parse_args([*base, "--hn-score-scale", "global"])
     assert "--hn-score-scale" in capsys.readouterr().err
+
+
+def test_hn_first_tier_rating_flag(capsys):
+    """OpenCLIP's parser takes --hn-first-tier-rating RATING in [1, 5] and the generator it builds uses it."""
+    import open_clip_train.params as params
+
+    base = ["--loss", "cement", "--hn", "concreteplant"]
+    assert create_from_args(params.parse_args(base)).first_tier_rating is None
+    assert create_from_args(params.parse_args([*base, "--hn-first-tier-rating", "4"])).first_tier_rating == 4.0
+    for bad in ("6", "four"):
+        with pytest.raises(SystemExit):
+            params.parse_args([*base, "--hn-first-tier-rating", bad])
+        assert "--hn-first-tier-rating: expected a number in [1, 5]" in capsys.readouterr().err
 
 
 def test_offline_vocab_flag(plant, tmp_path, monkeypatch, capsys):

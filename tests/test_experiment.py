@@ -681,3 +681,35 @@ def test_hn_score_scale_reaches_the_planted_negatives(tmp_path):
             mean[scale, kind] = sum(scores) / len(scores)
         assert mean["pos", "replace_relation"] > mean["pos", "replace_attribute"], mean
         assert mean["all", "replace_relation"] < mean["all", "replace_attribute"], mean
+
+
+def test_hn_first_tier_rating_reaches_the_planted_negatives(tmp_path):
+    """--hn-first-tier-rating is checked, names the planted folders and raises the share of shape negatives
+    ConcretePlant plants in the synthetic world (its shape nouns rank low among caption nouns)."""
+    import tarfile
+
+    from slipform_plugin.concreteplant.offline import expand_shards
+    from slipform_plugin.evaluation.experiment import build_parser, make_data, plant_data, settings_from_args
+
+    def object_share(pattern: str) -> float:
+        counts: Counter = Counter()
+        for shard in expand_shards([pattern]):
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.name.endswith(".hn.json"):
+                        counts.update(record["kind"] for record in json.loads(tar.extractfile(member).read()))
+        return (counts["replace_object"] + counts["swap_objects"]) / sum(counts.values())
+
+    for bad in ("0", "5.5", "high"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--hn-first-tier-rating", bad])
+    argv = ["--quick", "--out", str(tmp_path), "--train-samples", "64", "--test-samples", "4", "--batch-size", "8"]
+    plain = settings_from_args(build_parser().parse_args(argv))
+    tiered = settings_from_args(build_parser().parse_args([*argv, "--hn-first-tier-rating", "4"]))
+    assert (plain.hn_first_tier_rating, tiered.hn_first_tier_rating) == (None, 4.0)
+    train = make_data(plain)["train"]
+    pattern_plain, _ = plant_data(plain, "concreteplant", 0, train)
+    pattern_tiered, _ = plant_data(tiered, "concreteplant", 0, train)
+    assert "-tier4-seed0" in pattern_tiered and "-tier" not in pattern_plain
+    shares = object_share(pattern_plain), object_share(pattern_tiered)
+    assert shares[0] < 0.2 < 0.3 < shares[1], shares

@@ -90,6 +90,25 @@ def text_concreteness(pieces: Sequence[str]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def changed_rating(pieces: Sequence[str]) -> float | None:
+    """The Brysbaert rating (1..5) of the least concrete piece a negative changed; None if a piece is unrated.
+
+    ``pieces`` are the changed texts of the positive caption (one for a replacement, two for a swap); each
+    piece counts as its most concrete rated word or two-word expression, as in :func:`text_concreteness`.
+    A swap is therefore as concrete as the less concrete of its two sides.
+    """
+    norms = load_norms()
+    ratings = []
+    for piece in pieces:
+        words = _WORD.findall(piece.lower())
+        expressions = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+        rated = [norms[w] for w in expressions if w in norms]
+        if not rated:
+            return None
+        ratings.append(max(rated))
+    return min(ratings) if ratings else None
+
+
 def lookup(surface: str, lemma: str | None = None) -> float | None:
     """Concreteness of a word: the surface form first, the lemma second (spaCy maps "riding" to "rid")."""
     norms = load_norms()

@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from slipform_plugin._argtypes import float_in_range
 from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, SCORE_SCALES
 
 DONE_SUFFIX = ".done.json"
@@ -258,6 +259,7 @@ def _init_worker(options: dict, queue) -> None:
         spacy_model=options["spacy_model"],
         vocabulary=options.get("vocab"),
         score_scale=options.get("score_scale", DEFAULT_SCORE_SCALE),
+        first_tier_rating=options.get("first_tier_rating"),
     )
     try:
         plant.load()  # before the first shard, so shard timings are the steady rate
@@ -319,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCORE_SCALES,
         help="concreteness scale of each negative's score (Cement's margin): pos, within its part of speech "
         "(default); all, among all caption words, comparable across kinds",
+    )
+    parser.add_argument(
+        "--first-tier-rating",
+        type=float_in_range(1.0, 5.0),
+        default=None,
+        metavar="RATING",
+        help="a change whose every side is rated at least RATING (Brysbaert, 1 to 5) is drawn in the first tier "
+        "whatever its percentile within its part of speech (ConcretePlant's first_tier_rating; default: off)",
     )
     parser.add_argument("--workers", type=int, default=0, help="processes (default: every core this process may use)")
     parser.add_argument("--batch-size", type=int, default=256, help="captions per nlp.pipe call (default 256)")
@@ -421,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "spacy_model": args.spacy_model,
         "vocab": args.vocab,
         "score_scale": args.score_scale,
+        "first_tier_rating": args.first_tier_rating,
         "out_dir": str(out_dir),
         "text_key": args.text_key,
         "batch_size": args.batch_size,

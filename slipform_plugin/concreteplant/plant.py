@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from slipform_plugin.concreteplant import corpus, lexicon, operations, parsing, sampling
@@ -79,6 +79,12 @@ class ConcretePlant:
             (:func:`~slipform_plugin.concreteplant.lexicon.text_concreteness`), comparable across kinds, so
             that a changed preposition scores below a changed colour and a colour below most objects.
             Sampling always ranks by the within-POS percentile.
+        first_tier_rating: a Brysbaert rating (1..5). A candidate whose every changed side is rated at least this
+            is first-tier even when its within-POS percentile is under the second-tier cut
+            (:data:`~slipform_plugin.concreteplant.sampling.PREFERRED_MIN_SCORE`): nouns are concrete as a
+            class, so "square" (4.33 of 5) sits at the 21st percentile of COCO caption nouns and its changes
+            would otherwise be drawn only when a caption has fewer than K others. None (the default) keeps
+            the percentile cut alone.
 
     The spaCy pipeline loads on first use and is not pickled, so the object can be sent to DataLoader workers.
     ``stats`` counts captions seen, captions with no negative, failures and negatives per kind.
@@ -93,6 +99,7 @@ class ConcretePlant:
         kind_weights: Mapping[str, float] | None = None,
         vocabulary: corpus.VocabularyLike | None = None,
         score_scale: str = DEFAULT_SCORE_SCALE,
+        first_tier_rating: float | None = None,
     ) -> None:
         if int(num_negatives) < 0:
             raise ValueError(f"ConcretePlant: num_negatives (--hn-num) must be >= 0, got {num_negatives}")
@@ -107,6 +114,12 @@ class ConcretePlant:
                 f"ConcretePlant: score_scale (--hn-score-scale) must be one of {SCORE_SCALES}, got {score_scale!r}"
             )
         self.score_scale = score_scale
+        if first_tier_rating is not None and not 1.0 <= float(first_tier_rating) <= 5.0:
+            raise ValueError(
+                "ConcretePlant: first_tier_rating (--hn-first-tier-rating) must be a Brysbaert rating in [1, 5] "
+                f"or None, got {first_tier_rating!r}"
+            )
+        self.first_tier_rating = None if first_tier_rating is None else float(first_tier_rating)
         self.stats: Counter = Counter()
         self._nlp: Any = None
         self._load_error: str | None = None
@@ -127,6 +140,7 @@ class ConcretePlant:
             f"kinds={sorted(self.kinds) if self.kinds else None}, spacy_model={self.spacy_model!r}"
             + ("" if self.vocabulary is None else f", vocabulary=<{len(self.vocabulary)} words>")
             + ("" if self.score_scale == DEFAULT_SCORE_SCALE else f", score_scale={self.score_scale!r}")
+            + ("" if self.first_tier_rating is None else f", first_tier_rating={self.first_tier_rating:g}")
             + ")"
         )
 
@@ -202,7 +216,21 @@ class ConcretePlant:
         (:func:`~slipform_plugin.concreteplant.sampling.sample`), seeded by ``(seed, key)``.
         """
         rng = sampling.caption_rng(self.seed, key, "sample")
-        return sampling.sample(found, self.num_negatives, rng, self.kind_weights, caption=caption)
+        return sampling.sample(
+            found, self.num_negatives, rng, self.kind_weights, caption=caption, first_tier=self._first_tier(caption)
+        )
+
+    def _first_tier(self, caption: str) -> Callable[[operations.Candidate], bool] | None:
+        """The predicate ``first_tier_rating`` makes for ``caption``'s candidates (None without the option)."""
+        if self.first_tier_rating is None:
+            return None
+        threshold = self.first_tier_rating
+
+        def concrete(candidate: operations.Candidate) -> bool:
+            rating = lexicon.changed_rating(candidate.changed_texts(caption))
+            return rating is not None and rating >= threshold
+
+        return concrete
 
     def _in_vocabulary(self, found: list[operations.Candidate], caption: str) -> list[operations.Candidate]:
         """The candidates whose every word is in the corpus vocabulary or the caption (all without a vocabulary)."""
@@ -260,7 +288,8 @@ def create_from_args(args: Any) -> ConcretePlant:
     """Entry point ``slipform.hard_negatives: concreteplant``: build from OpenCLIP's parsed ``--hn-*`` flags.
 
     Reads ``hn_num`` and, when the parser defines them, ``hn_seed``, ``hn_kinds``, ``hn_spacy_model``,
-    ``hn_kind_weights`` (``"KIND=WEIGHT,..."``) and ``hn_vocab`` (a one-word-per-line file).
+    ``hn_kind_weights`` (``"KIND=WEIGHT,..."``), ``hn_vocab`` (a one-word-per-line file), ``hn_score_scale``
+    and ``hn_first_tier_rating``.
     """
     weights = parse_kind_weights(getattr(args, "hn_kind_weights", None))
     return ConcretePlant(**generator_kwargs(args), kind_weights=weights)
@@ -276,4 +305,5 @@ def generator_kwargs(args: Any) -> dict[str, Any]:
         "spacy_model": getattr(args, "hn_spacy_model", None),
         "vocabulary": corpus.read_vocabulary_file(vocabulary, "--hn-vocab") if vocabulary else None,
         "score_scale": getattr(args, "hn_score_scale", None) or DEFAULT_SCORE_SCALE,
+        "first_tier_rating": getattr(args, "hn_first_tier_rating", None),
     }

@@ -8,14 +8,16 @@ Sampling, without replacement and up to K distinct texts: a kind is drawn among 
 has candidates of, in proportion to its weight (uniform by default, so no kind dominates because it is
 common); within the kind, a candidate is drawn with weight ``floor + score ** power``, rising steeply with the
 concreteness percentile of what it changes. Candidates whose percentile is under :data:`PREFERRED_MIN_SCORE`
-(changes of rather abstract words: "area", "made") are drawn only when the caption has fewer than K others.
+(changes of rather abstract words: "area", "made") are drawn only when the caption has fewer than K others,
+unless ``first_tier`` says otherwise (``ConcretePlant(first_tier_rating=...)``: a change whose every side is
+rated concrete in absolute terms stays first-tier whatever its rank within its part of speech).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
 
@@ -41,19 +43,28 @@ def default_kind_weights() -> dict[str, float]:
 
 
 def sample(
-    candidates: Sequence, k: int, rng: random.Random, kind_weights: Mapping[str, float], caption: str = ""
+    candidates: Sequence,
+    k: int,
+    rng: random.Random,
+    kind_weights: Mapping[str, float],
+    caption: str = "",
+    first_tier: Callable[[object], bool] | None = None,
 ) -> list:
     """Up to ``k`` candidates with distinct texts, none equal to ``caption`` (ignoring case and outer spaces).
 
     Candidates are objects with ``kind``, ``score`` and ``text`` (read only for the drawn ones).
+    ``first_tier``, if given, marks candidates that are first-tier even with a score under
+    :data:`PREFERRED_MIN_SCORE`; the within-kind weights still come from the scores.
     """
     usable = [c for c in candidates if getattr(c, "primary", True) and kind_weights.get(c.kind, 0.0) > 0.0]
     chosen: list = []
     texts: set[str] = {caption.strip().lower()}
-    preferred = [c for c in usable if c.score >= PREFERRED_MIN_SCORE]
+    preferred, rest = [], []
+    for candidate in usable:
+        is_preferred = candidate.score >= PREFERRED_MIN_SCORE or (first_tier is not None and first_tier(candidate))
+        (preferred if is_preferred else rest).append(candidate)
     _sample_into(chosen, texts, preferred, k, rng, kind_weights)
     if len(chosen) < k:
-        rest = [c for c in usable if c.score < PREFERRED_MIN_SCORE]
         _sample_into(chosen, texts, rest, k, rng, kind_weights)
     return chosen
 

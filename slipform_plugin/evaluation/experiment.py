@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slipform_plugin._argtypes import positive_int
+from slipform_plugin._argtypes import float_in_range, positive_int
 from slipform_plugin.evaluation.compare import format_stat, mean_sd
 from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
 from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, HARD_NEGATIVE_KINDS, SCORE_SCALES
@@ -198,6 +198,7 @@ class Settings:
     hard_columns: str = HARD_COLUMNS
     hn_kind_weights: str | None = None
     hn_score_scale: str = DEFAULT_SCORE_SCALE
+    hn_first_tier_rating: float | None = None
     device: str = "cpu"
     precision: str = "fp32"
 
@@ -335,7 +336,8 @@ def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern
     kind_weights = parse_kind_weights(settings.hn_kind_weights)
     weights_tag = "".join(f"-{kind}{weight:g}" for kind, weight in sorted((kind_weights or {}).items()))
     scale_tag = "" if settings.hn_score_scale == DEFAULT_SCORE_SCALE else f"-score{settings.hn_score_scale}"
-    name = f"planted-{generator_name}-k{settings.hn_num}{vocab_tag}{weights_tag}{scale_tag}-seed{seed}"
+    tier_tag = "" if settings.hn_first_tier_rating is None else f"-tier{settings.hn_first_tier_rating:g}"
+    name = f"planted-{generator_name}-k{settings.hn_num}{vocab_tag}{weights_tag}{scale_tag}{tier_tag}-seed{seed}"
     out_dir = settings.out / "data" / name
     started = time.perf_counter()
     todo = [s for s in shards if not is_done(s, out_dir)]
@@ -356,6 +358,7 @@ def plant_data(settings: Settings, generator_name: str, seed: int, train_pattern
                 vocabulary=vocabulary,
                 kind_weights=kind_weights,
                 score_scale=settings.hn_score_scale,
+                first_tier_rating=settings.hn_first_tier_rating,
             )
         counts = plant_shards(generator, todo, out_dir)
         logger.info("planted %s (seed %d): %s", generator_name, seed, counts)
@@ -897,6 +900,15 @@ def build_parser() -> argparse.ArgumentParser:
         "folders are named by it",
     )
     p.add_argument(
+        "--hn-first-tier-rating",
+        type=float_in_range(1.0, 5.0),
+        default=None,
+        metavar="RATING",
+        help="ConcretePlant's first_tier_rating when planting: a change whose every side is rated at least RATING "
+        "(Brysbaert, 1 to 5) is drawn in the first tier whatever its within-POS percentile (default: off); the "
+        "planted folders are named by it",
+    )
+    p.add_argument(
         "--open-vocabulary",
         action="store_true",
         help="let ConcretePlant draw replacement words from its open vocabulary "
@@ -991,6 +1003,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         hard_columns=args.cement_hard_columns,
         hn_kind_weights=args.hn_kind_weights,
         hn_score_scale=args.hn_score_scale,
+        hn_first_tier_rating=args.hn_first_tier_rating,
         threads=args.threads,
         quick=args.quick,
         keep_going=args.keep_going,
