@@ -572,6 +572,9 @@ def test_eval_plant_cli_writes_json(plant, tmp_path, capsys):
     assert "coverage >=1 negative" in printed and "SugarCrepe recall" in printed
     report = json.loads(out.read_text())
     assert report["k"] == 3 and set(report["kind_shares"]) == set(HARD_NEGATIVE_KINDS)
+    with pytest.raises(SystemExit):
+        slipform(["eval-plant", "--sugarcrepe-dir", str(SUGARCREPE), "--first-tier-rating", "9"])
+    assert "--first-tier-rating: expected a number in [1, 5]" in capsys.readouterr().err
 
 
 def test_numpy_matmul_ops_give_spacys_tags(plant, monkeypatch):

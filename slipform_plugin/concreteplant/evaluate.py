@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from slipform_plugin._argtypes import float_in_range
 from slipform_plugin.hard_negatives import HARD_NEGATIVE_KINDS
 
 SWAP_FILES = {"swap_att": "swap_attributes", "swap_obj": "swap_objects"}
@@ -386,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--vocab", default=None, help="restrict replacements to these words (one per line)")
     parser.add_argument(
+        "--first-tier-rating",
+        type=float_in_range(1.0, 5.0),
+        default=None,
+        metavar="RATING",
+        help="ConcretePlant's first_tier_rating: changes rated at least RATING (Brysbaert, 1 to 5) on every side "
+        "are first-tier whatever their within-POS percentile (default: off)",
+    )
+    parser.add_argument(
         "--synthetic",
         type=int,
         default=None,
@@ -397,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.synthetic is not None and args.synthetic < 1:
         parser.error(f"--synthetic must be >= 1, got {args.synthetic}")
-    options = {"num_negatives": args.num, "seed": args.seed, "kinds": args.kinds, "spacy_model": args.spacy_model}
+    options = {
+        "num_negatives": args.num,
+        "seed": args.seed,
+        "kinds": args.kinds,
+        "spacy_model": args.spacy_model,
+        "first_tier_rating": args.first_tier_rating,
+    }
     try:
         vocabulary = read_vocabulary_file(args.vocab, "--vocab") if args.vocab else None
     except (OSError, ValueError) as error:
