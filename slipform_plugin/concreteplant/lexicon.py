@@ -79,15 +79,18 @@ def text_concreteness(pieces: Sequence[str]) -> float | None:
     of the reference corpus (``percentile(rating, "ALL")``, so a preposition ranks below a colour and a colour
     below most nouns); the result is the mean over the pieces with a rated word.
     """
-    norms = load_norms()
-    values = []
-    for piece in pieces:
-        words = _WORD.findall(piece.lower())
-        expressions = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
-        ratings = [norms[w] for w in expressions if w in norms]
-        if ratings:
-            values.append(percentile(max(ratings), "ALL"))
+    ratings = [rating for rating in map(_piece_rating, pieces) if rating is not None]
+    values = [percentile(rating, "ALL") for rating in ratings]
     return sum(values) / len(values) if values else None
+
+
+def _piece_rating(piece: str) -> float | None:
+    """The rating (1..5) of a changed piece's most concrete rated word or two-word expression; None if none is."""
+    norms = load_norms()
+    words = _WORD.findall(piece.lower())
+    expressions = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+    ratings = [norms[w] for w in expressions if w in norms]
+    return max(ratings) if ratings else None
 
 
 def changed_rating(pieces: Sequence[str]) -> float | None:
@@ -97,16 +100,8 @@ def changed_rating(pieces: Sequence[str]) -> float | None:
     piece counts as its most concrete rated word or two-word expression, as in :func:`text_concreteness`.
     A swap is therefore as concrete as the less concrete of its two sides.
     """
-    norms = load_norms()
-    ratings = []
-    for piece in pieces:
-        words = _WORD.findall(piece.lower())
-        expressions = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
-        rated = [norms[w] for w in expressions if w in norms]
-        if not rated:
-            return None
-        ratings.append(max(rated))
-    return min(ratings) if ratings else None
+    ratings = [_piece_rating(piece) for piece in pieces]
+    return None if not ratings or None in ratings else min(ratings)
 
 
 def lookup(surface: str, lemma: str | None = None) -> float | None:
