@@ -713,3 +713,53 @@ def test_hn_first_tier_rating_reaches_the_planted_negatives(tmp_path):
     assert "-tier4-seed0" in pattern_tiered and "-tier" not in pattern_plain
     shares = object_share(pattern_plain), object_share(pattern_tiered)
     assert shares[0] < 0.2 < 0.3 < shares[1], shares
+
+
+def test_finished_runs_are_reused_only_on_the_same_test_split(tmp_path, monkeypatch):
+    """A run scored on another test split is scored again from its kept checkpoint, or else trained again."""
+    from slipform_plugin.evaluation import experiment
+
+    trained: list[str] = []
+    scored: list[str] = []
+
+    def fake_train(command, **kwargs):
+        name = command[command.index("--name") + 1]
+        run_dir = Path(command[command.index("--logs") + 1]) / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "epoch_1.pt").write_bytes(b"weights")
+        (run_dir / "out.log").write_text("Slipform: loss=cement\n")
+        trained.append(name)
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    def fake_evaluate(checkpoint, test_pattern, out_dir, *args):
+        assert checkpoint.read_bytes() == b"weights"
+        out_dir.mkdir(parents=True)
+        (out_dir / "eval.json").write_text("{}")
+        scored.append(test_pattern)
+        return {"test": test_pattern}
+
+    monkeypatch.setattr(experiment.subprocess, "run", fake_train)
+    monkeypatch.setattr(experiment, "evaluate", fake_evaluate)
+    monkeypatch.setattr(experiment, "extract_metrics", lambda report: {"attribute_swap": 0.5})
+    parser = experiment.build_parser()
+    config = build_configs(0.2, 0.1)["c"]
+
+    def run(test_samples: int, *flags: str) -> dict:
+        argv = ["--quick", "--out", str(tmp_path), "--test-samples", str(test_samples), *flags]
+        settings = experiment.settings_from_args(parser.parse_args(argv))
+        return experiment.run_one(settings, config, 0, "train-{0..1}.tar", f"test-{test_samples}.tar")
+
+    first = run(8, "--keep-checkpoints")
+    assert first["test_split"]["num_samples"] == 8 and trained == ["c-seed0"] and scored == ["test-8.tar"]
+    assert run(8, "--keep-checkpoints")["eval"] == {"test": "test-8.tar"}  # reused: neither trained nor scored
+    assert (len(trained), len(scored)) == (1, 1)
+    rescored = run(12, "--keep-checkpoints")  # another test split, checkpoint kept: scored, not trained
+    assert (len(trained), scored[-1]) == (1, "test-12.tar")
+    assert rescored["test_split"]["num_samples"] == 12 and rescored["eval"] == {"test": "test-12.tar"}
+    record = json.loads((tmp_path / "runs" / "c-seed0" / "run.json").read_text())
+    assert record["test_split"]["num_samples"] == 12 and record["command"] == first["command"]
+    run(16)  # scored again and, without --keep-checkpoints, the checkpoint is dropped afterwards
+    assert len(trained) == 1 and scored[-1] == "test-16.tar"
+    assert not (tmp_path / "runs" / "c-seed0" / "checkpoints").exists()
+    run(20)  # another split and no checkpoint left: trained again
+    assert trained == ["c-seed0", "c-seed0"] and scored[-1] == "test-20.tar"

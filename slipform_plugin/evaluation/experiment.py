@@ -280,6 +280,21 @@ def _shards_ready(directory: Path, expected: dict[str, Any]) -> bool:
     return all(info.get(name) == value for name, value in expected.items())
 
 
+def split_identity(settings: Settings, split: str) -> dict[str, Any]:
+    """What identifies the rendered ``split`` ("train" or "test"): its size, data seed, image size and world.
+
+    A run's ``run.json`` records the test split's identity, so a run is reused only when it was scored on
+    the split the experiment renders now."""
+    num = settings.train_samples if split == "train" else settings.test_samples
+    return {
+        "num_samples": num,
+        "seed": settings.data_seed,
+        "split": split,
+        "image_size": settings.image_size,
+        "world": settings.world,
+    }
+
+
 def make_data(settings: Settings) -> dict[str, Any]:
     """Write (or reuse) the train and test shards; returns their patterns and the seconds spent."""
     from slipform_plugin.synthetic.shards import write_shards
@@ -287,15 +302,10 @@ def make_data(settings: Settings) -> dict[str, Any]:
     data = settings.out / "data"
     started = time.perf_counter()
     result: dict[str, Any] = {}
-    for split, num in (("train", settings.train_samples), ("test", settings.test_samples)):
+    for split in ("train", "test"):
         directory = data / split
-        expected = {
-            "num_samples": num,
-            "seed": settings.data_seed,
-            "split": split,
-            "image_size": settings.image_size,
-            "world": settings.world,
-        }
+        expected = split_identity(settings, split)
+        num = expected["num_samples"]
         if split == "train":
             expected["single_group_fraction"] = settings.single_group_fraction
         if not _shards_ready(directory, expected):
@@ -505,17 +515,28 @@ def parse_train_log(text: str) -> dict[str, Any]:
 
 
 def run_one(settings: Settings, config: Config, seed: int, train_pattern: str, test_pattern: str) -> dict[str, Any]:
-    """Train and evaluate one (config, seed); reuse its result when its ``eval.json`` already exists."""
+    """Train and evaluate one (config, seed), or reuse what an earlier experiment left in its folder.
+
+    A finished run with the same training command is reused when it was scored on the same test split
+    (``split_identity``); when only the test split differs and its checkpoint was kept
+    (``--keep-checkpoints``), the checkpoint is scored again without training; otherwise it is trained anew.
+    """
     name = f"{config.name}-seed{seed}"
     run_dir = settings.out / "runs" / name
     eval_dir = run_dir / "eval"
     command = train_command(settings, config, seed, train_pattern, name)
-    record: dict[str, Any] = {"config": config.name, "seed": seed, "command": command}
+    test_split = split_identity(settings, "test")
+    record: dict[str, Any] = {"config": config.name, "seed": seed, "command": command, "test_split": test_split}
     done = run_dir / "run.json"
-    if done.is_file() and (eval_dir / "eval.json").is_file():
+    checkpoint = run_dir / "checkpoints" / f"epoch_{settings.epochs}.pt"
+    if done.is_file():
         previous = json.loads(done.read_text())
-        if previous.get("command", [])[1:] == command[1:]:  # same settings (any interpreter path): reuse
-            return previous
+        if previous.get("command", [])[1:] == command[1:]:  # same settings (any interpreter path)
+            if previous.get("test_split") == test_split and (eval_dir / "eval.json").is_file():
+                return previous
+            if checkpoint.is_file():  # trained as asked, scored on another test split: score it again
+                record = {**previous, **record}
+                return _score(settings, record, checkpoint, test_pattern, eval_dir, done)
     shutil.rmtree(run_dir, ignore_errors=True)  # OpenCLIP refuses an existing experiment folder
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(settings.threads)}
     started, cpu_started = time.perf_counter(), _children_cpu_seconds()
@@ -535,14 +556,21 @@ def run_one(settings: Settings, config: Config, seed: int, train_pattern: str, t
     if config.name != "a" and "Slipform: loss=" not in log_text:
         raise RuntimeError(f"training {name}: the Slipform plugin was not active (no 'Slipform: loss=' in out.log)")
     record.update(parse_train_log(log_text))
-    checkpoint = run_dir / "checkpoints" / f"epoch_{settings.epochs}.pt"
+    return _score(settings, record, checkpoint, test_pattern, eval_dir, done)
+
+
+def _score(
+    settings: Settings, record: dict[str, Any], checkpoint: Path, test_pattern: str, eval_dir: Path, done: Path
+) -> dict[str, Any]:
+    """Evaluate a trained run's checkpoint on the test split, complete its record and write ``run.json``."""
+    shutil.rmtree(eval_dir, ignore_errors=True)
     started, cpu_started = time.perf_counter(), _own_cpu_seconds()
     record["eval"] = evaluate(checkpoint, test_pattern, eval_dir, settings.threads, settings.model, settings.device)
     record["eval_seconds"] = round(time.perf_counter() - started, 2)
     record["eval_cpu_seconds"] = round(_own_cpu_seconds() - cpu_started, 2)
     record["metrics"] = extract_metrics(record["eval"])
     if not settings.keep_checkpoints:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
     done.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -960,7 +988,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="open_clip_train.main --precision of every run (default fp32; amp and amp_bf16 need --device cuda)",
     )
     p.add_argument("--keep-going", action="store_true", help="record a failed run and go on with the others")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every run's checkpoints; a later experiment on the same --out with another test split "
+        "(--test-samples) then scores them again instead of training them again",
+    )
     p.add_argument(
         "--train-arg",
         action="append",
