@@ -142,3 +142,31 @@ def test_refuses_different_environments_unless_allowed(tmp_path: Path, capsys: p
     assert compare.main(args) == 0
     with pytest.raises(ValueError, match="different environments"):
         compare.load_side(f"{same},{other}")
+
+
+def test_test_split_sd_is_the_item_resampling_sd_of_a_paired_difference() -> None:
+    # d = (0, +1, -1, 0): sample variance 2/3, over n = 4 items 1/6; a second seed with identical outcomes adds 0
+    assert compare.test_split_sd([("1100", "1010")]) == pytest.approx((1 / 6) ** 0.5)
+    assert compare.test_split_sd([("1100", "1010"), ("1111", "1111")]) == pytest.approx((1 / 12) ** 0.5)
+    assert compare.test_split_sd([("1100", "1010"), (None, "1111")]) is None  # a seed without outcomes
+    assert compare.test_split_sd([("1100", "10100")]) is None  # scored on splits of different sizes
+    assert compare.test_split_sd([]) is None
+
+
+def test_outcomes_of_the_runs_give_each_difference_its_test_split_sd(tmp_path: Path, capsys) -> None:
+    variant = write_run(tmp_path / "v", [("c", 0, 0.75, 0.5), ("c", 1, 0.5, 0.5)])
+    baseline = write_run(tmp_path / "b", [("a", 0, 0.5, 0.5), ("a", 1, 0.5, 0.5)])
+    for directory, bits in ((variant, ["1110", "1100"]), (baseline, ["1100", "1100"])):
+        body = json.loads((directory / "results.json").read_text())
+        for run, swap_bits in zip(body["runs"], bits):
+            run["outcomes"] = {"attribute_swap": swap_bits}
+        (directory / "results.json").write_text(json.dumps(body))
+    result = compare.compare(
+        compare.load_side(f"{variant}:c"), [compare.load_side(f"{baseline}:a")], ["attribute_swap", "i2t_r1"]
+    )
+    swap = result["baselines"][0]["attribute_swap"]
+    # seed 0: d = (0, 0, +1, 0), variance 1/4 over 4 items; seed 1: d = 0
+    assert swap["test_sd"] == pytest.approx((0.0625 / 2) ** 0.5)
+    assert "test_sd" not in result["baselines"][0]["i2t_r1"]  # no outcomes recorded for it
+    assert compare.main([f"{variant}:c", f"{baseline}:a", "--metrics", "attribute_swap"]) == 0
+    assert "+12.5 ± 17.7 (+25.0, +0.0) [test split ± 17.7]" in capsys.readouterr().out

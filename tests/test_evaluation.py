@@ -398,6 +398,21 @@ def test_synthetic_retrieval_is_perfect_for_an_oracle_encoder(tmp_path, world):
     res = evaluate_synthetic(Oracle(), samples)
     assert all(res["hard"][k]["accuracy"] == 1.0 for k in HARD_KINDS)
     assert res["retrieval"]["image_to_text"]["R@1"] == 1.0 and res["retrieval"]["text_to_image"]["R@1"] == 1.0
+    assert all(res["hard"][k]["outcomes"] == "1" * len(samples) for k in HARD_KINDS)  # per item, in sample order
+    assert res["retrieval"]["image_to_text"]["outcomes@1"] == "1" * len(samples)
+
+    class BagOfWords(Oracle):  # a text tower blind to word order: most swaps tie with their caption
+        def texts(self, texts):
+            return torch.stack([self._bag(t, weight_order=False) for t in texts])
+
+    blind = evaluate_synthetic(BagOfWords(), samples)
+    for kind in HARD_KINDS:
+        outcomes = blind["hard"][kind]["outcomes"]
+        assert len(outcomes) == len(samples) and set(outcomes) <= {"0", "1"}
+        assert outcomes.count("1") / len(samples) == pytest.approx(blind["hard"][kind]["accuracy"])
+    assert (
+        blind["hard"]["attribute_swap"]["outcomes"].count("0") > 0
+    )  # swaps it cannot tell apart (or only by "a"/"an")
     assert res["zero_shot"]["shape"]["accuracy"] == 1.0 and res["zero_shot"]["colour"]["accuracy"] == 1.0
     other = "simple" if world == "default" else "default"
     write_shards(tmp_path / other, 2, seed=2, split="test", world=other)

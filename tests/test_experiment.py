@@ -521,6 +521,14 @@ def test_paired_differences_pair_runs_by_seed():
     assert pairs["c - b"]["seeds"] == [1] and pairs["c - b"]["i2t_r1"]["per_seed"] == pytest.approx([-0.10])
     table = paired_table(list(pairs.values()))
     assert "| b - a | hard negatives, no margins | +3.0 ± 2.8 (+5.0, +1.0) |" in table
+    assert all("test_sd" not in entry["attribute_swap"] for entry in pairs.values())  # no outcomes recorded
+    for record, bits in zip(records, ["1100", "1000", "1110", "1000", "1111"]):
+        record["outcomes"] = {"attribute_swap": bits}
+    pairs = {entry["pair"]: entry for entry in paired_differences(records)}
+    # b - a: seed 0 d = (0, 0, +1, 0), variance 1/4 over 4 items; seed 1 d = 0; the sd averages the variances
+    assert pairs["b - a"]["attribute_swap"]["test_sd"] == pytest.approx((0.0625 / 2) ** 0.5)
+    assert "test_sd" not in pairs["b - a"]["i2t_r1"]
+    assert "[test split ± 17.7]" in paired_table(list(pairs.values()))
 
 
 def test_single_group_fraction_reaches_the_training_shards_only(tmp_path, capsys):
@@ -741,6 +749,7 @@ def test_finished_runs_are_reused_only_on_the_same_test_split(tmp_path, monkeypa
     monkeypatch.setattr(experiment.subprocess, "run", fake_train)
     monkeypatch.setattr(experiment, "evaluate", fake_evaluate)
     monkeypatch.setattr(experiment, "extract_metrics", lambda report: {"attribute_swap": 0.5})
+    monkeypatch.setattr(experiment, "extract_outcomes", lambda report: {"attribute_swap": "10"})
     parser = experiment.build_parser()
     config = build_configs(0.2, 0.1)["c"]
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ class Side:
     per_seed: dict[int, dict[str, float]]
     settings: dict[str, Any]
     environment: dict[str, Any] | None  # results.json's "environment" (None for runs written before it existed)
+    #: per seed, the runs' per-item outcomes by metric (``"outcomes"`` of run records; empty for older runs)
+    outcomes: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
 def parse_side(text: str) -> tuple[list[Path], str]:
@@ -76,6 +79,7 @@ def load_side(text: str) -> Side:
     """
     directories, config = parse_side(text)
     per_seed: dict[int, dict[str, float]] = {}
+    outcomes: dict[int, dict[str, str]] = {}
     settings: dict[str, Any] | None = None
     environment: dict[str, Any] | None = None
     for directory in directories:
@@ -101,8 +105,9 @@ def load_side(text: str) -> Side:
             if seed in per_seed:
                 raise ValueError(f"{text}: seed {seed} of config {config!r} appears in more than one directory")
             per_seed[seed] = {k: float(v) for k, v in run["metrics"].items() if isinstance(v, (int, float))}
+            outcomes[seed] = {k: v for k, v in run.get("outcomes", {}).items() if isinstance(v, str)}
     assert settings is not None
-    return Side(label=text, per_seed=per_seed, settings=settings, environment=environment)
+    return Side(label=text, per_seed=per_seed, settings=settings, environment=environment, outcomes=outcomes)
 
 
 def _mismatch(first: dict[str, Any] | None, second: dict[str, Any] | None) -> str:
@@ -116,6 +121,25 @@ def _mismatch(first: dict[str, Any] | None, second: dict[str, Any] | None) -> st
 def mean_sd(values: list[float]) -> dict[str, float]:
     """``{"mean", "std"}`` of ``values``: the mean and the sample standard deviation (0 for one value)."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def test_split_sd(outcome_pairs: list[tuple[str | None, str | None]]) -> float | None:
+    """How much a paired difference of accuracies moves from the finite test split alone (a fraction).
+
+    ``outcome_pairs`` holds, per seed, the two runs' per-item outcomes on one test split (strings of ``1`` and
+    ``0``, :func:`slipform_plugin.evaluation.synthetic.outcome_bits`). With ``d_i = x_i - y_i`` over the ``n``
+    items, one seed's difference ``mean(d)`` has sampling variance ``var(d) / n`` under resampling of the
+    items; the result is the square root of that variance averaged over the seeds: the part of the spread
+    over seeds that a larger test split would remove. None when a seed lacks outcomes, the two runs were
+    scored on splits of different sizes, or a split has fewer than two items.
+    """
+    variances = []
+    for first, second in outcome_pairs:
+        if not first or not second or len(first) != len(second) or len(first) < 2:
+            return None
+        d = [int(a) - int(b) for a, b in zip(first, second)]
+        variances.append(statistics.variance(d) / len(d))
+    return math.sqrt(statistics.fmean(variances)) if variances else None
 
 
 def compare(variant: Side, baselines: list[Side], metrics: list[str], allow_different_settings: bool = False) -> dict:
@@ -149,6 +173,11 @@ def compare(variant: Side, baselines: list[Side], metrics: list[str], allow_diff
             diffs = [v - b for v, b in pairs if v is not None and b is not None]
             if diffs:
                 entry[metric] = {"per_seed": diffs, **mean_sd(diffs)}
+                outcome_pairs = [
+                    (variant.outcomes.get(s, {}).get(metric), baseline.outcomes.get(s, {}).get(metric)) for s in seeds
+                ]
+                if (sd := test_split_sd(outcome_pairs)) is not None:
+                    entry[metric]["test_sd"] = sd
         out["baselines"].append(entry)
     return out
 
@@ -164,12 +193,17 @@ def _summary(side: Side, metrics: list[str], seeds: list[int] | None = None) -> 
 
 
 def format_stat(stat: dict[str, Any] | None, signed: bool) -> str:
-    """``{"per_seed", "mean", "std"}`` (fractions) as ``mean ± sd (seed, seed, ...)`` in points; "n/a" for None."""
+    """``{"per_seed", "mean", "std"}`` (fractions) as ``mean ± sd (seed, seed, ...)`` in points; "n/a" for None.
+
+    With a ``"test_sd"`` (:func:`test_split_sd`) it is appended as ``[test split ± x]``."""
     if stat is None:
         return "n/a"
     sign = "+" if signed else ""
     per_seed = ", ".join(f"{100 * v:{sign}.1f}" for v in stat["per_seed"])
-    return f"{100 * stat['mean']:{sign}.1f} ± {100 * stat['std']:.1f} ({per_seed})"
+    text = f"{100 * stat['mean']:{sign}.1f} ± {100 * stat['std']:.1f} ({per_seed})"
+    if stat.get("test_sd") is not None:
+        text += f" [test split ± {100 * stat['test_sd']:.1f}]"
+    return text
 
 
 def markdown(result: dict[str, Any], metrics: list[str]) -> str:

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from slipform_plugin._argtypes import float_in_range, positive_int
-from slipform_plugin.evaluation.compare import format_stat, mean_sd
+from slipform_plugin.evaluation.compare import format_stat, mean_sd, test_split_sd
 from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
 from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, HARD_NEGATIVE_KINDS, SCORE_SCALES
 from slipform_plugin.recommended import RECOMMENDED_CEMENT
@@ -119,6 +119,12 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     },
     "probe_relation_axis": (("layout", "relation_axis", "accuracy"), "probe relation axis (scene)"),
     "probe_relation_by_colour": (("layout", "relation_by_colour", "accuracy"), "probe relation by colour (scene)"),
+}
+#: where each metric's per-item outcomes sit in the synthetic report (``outcomes`` of the run records)
+OUTCOME_PATHS: dict[str, tuple[str, ...]] = {
+    **{kind: ("hard", kind, "outcomes") for kind in HARD_KINDS},
+    "i2t_r1": ("retrieval", "image_to_text", "outcomes@1"),
+    "t2i_r1": ("retrieval", "text_to_image", "outcomes@1"),
 }
 #: the columns of the Markdown table, in order
 TABLE_METRICS: tuple[str, ...] = (
@@ -569,6 +575,7 @@ def _score(
     record["eval_seconds"] = round(time.perf_counter() - started, 2)
     record["eval_cpu_seconds"] = round(_own_cpu_seconds() - cpu_started, 2)
     record["metrics"] = extract_metrics(record["eval"])
+    record["outcomes"] = extract_outcomes(record["eval"])
     if not settings.keep_checkpoints:
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
     done.write_text(json.dumps(record, indent=1) + "\n")
@@ -656,6 +663,20 @@ def extract_metrics(report: dict[str, Any]) -> dict[str, float | None]:
 
 
 # ------------------------------------------------------------------------------------------------- summary
+def extract_outcomes(report: dict[str, Any]) -> dict[str, str]:
+    """Per-item outcomes (strings of ``1`` and ``0``) of :data:`OUTCOME_PATHS`' metrics in a ``slipform eval``
+    report; a metric whose report has none (an older eval.json) is left out."""
+    synthetic = report["results"]["synthetic"]
+    outcomes = {}
+    for name, path in OUTCOME_PATHS.items():
+        value: Any = synthetic
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            outcomes[name] = value
+    return outcomes
+
+
 def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, dict[str, Any]]:
     """Per config: mean and sample standard deviation over seeds of every metric and of the timings."""
     summary: dict[str, dict[str, Any]] = {}
@@ -726,6 +747,7 @@ def paired_differences(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Returns a list of ``{"pair", "meaning", "seeds", metric: {"per_seed", "mean", "std"}}``.
     """
     by_key = {(r["config"], r["seed"]): r["metrics"] for r in records if "metrics" in r}
+    outcomes = {(r["config"], r["seed"]): r.get("outcomes", {}) for r in records if "metrics" in r}
     out = []
     for first, second, meaning in PAIRS:
         seeds = sorted(s for (c, s) in by_key if c == first and (second, s) in by_key)
@@ -740,6 +762,11 @@ def paired_differences(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ]
             if diffs:
                 entry[metric] = {"per_seed": diffs, **mean_sd(diffs)}
+                sd = test_split_sd(
+                    [(outcomes[(first, s)].get(metric), outcomes[(second, s)].get(metric)) for s in seeds]
+                )
+                if sd is not None:
+                    entry[metric]["test_sd"] = sd
         out.append(entry)
     return out
 

@@ -9,9 +9,12 @@ Metrics (all from the test split's stored metadata):
   attribute replace is the bag-of-words test: a model that ignores binding does well on replace only.
   Each kind also reports ``text_cosine``, the mean cosine of the true and the hard caption in the text
   tower's own space (near 1 when the text tower cannot tell them apart, whatever the image tower sees), and
-  ``image_gap``, the mean of ``x.y - x.h`` over the items (how far, in cosine, the image prefers its caption).
+  ``image_gap``, the mean of ``x.y - x.h`` over the items (how far, in cosine, the image prefers its caption),
+  and ``outcomes``, each item's result in sample order as a string of ``1`` and ``0`` (so two checkpoints
+  scored on one split can be compared item by item: ``slipform compare``'s test-split sd).
 - ``retrieval``: image-to-text and text-to-image R@1 and R@5 over the test images and their true captions
-  (a retrieved caption or image counts when its caption text equals the query's, so duplicates are fair).
+  (a retrieved caption or image counts when its caption text equals the query's, so duplicates are fair),
+  with each query's rank-1 hit as ``outcomes@1``.
 - ``zero_shot``: shape and colour classification of the subject alone (its objects re-rendered from the stored
   layout without the reference and distractors), with one class embedding per value: the mean embedding of
   the noun phrases "a <size> <colour> <material> <texture> <shape>" over all values of the other attributes
@@ -226,11 +229,17 @@ def perception_probe(features: np.ndarray, subjects: list[dict[str, Any]]) -> di
     return result
 
 
+def outcome_bits(correct: np.ndarray) -> str:
+    """Per-item outcomes ``[N]`` (bool) as a string of ``"1"`` and ``"0"`` in sample order (for eval.json)."""
+    return "".join("1" if value else "0" for value in np.asarray(correct, dtype=bool).tolist())
+
+
 def _recall(sims: np.ndarray, query_labels: list[str], target_labels: list[str], ks: Iterable[int]) -> dict:
+    """R@k of ``sims`` ``[Q, T]``, and each query's hit at rank 1 as ``"outcomes@1"`` (:func:`outcome_bits`)."""
     order = np.argsort(-sims, axis=1)
     targets = np.asarray(target_labels)
     hits = targets[order] == np.asarray(query_labels)[:, None]
-    return {f"R@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    return {**{f"R@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}, "outcomes@1": outcome_bits(hits[:, 0])}
 
 
 def evaluate_synthetic(encoder: Encoder, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,6 +268,7 @@ def evaluate_synthetic(encoder: Encoder, samples: list[dict[str, Any]]) -> dict[
             "accuracy_seen": float(correct[~heldout].mean()) if (~heldout).any() else None,
             "accuracy_heldout": float(correct[heldout].mean()) if heldout.any() else None,
             "n": len(items),
+            "outcomes": outcome_bits(correct),
         }
         if kind in ("attribute_swap", "attribute_replace"):  # which attribute changed: colour, size, ...
             changed = [s["meta"]["hard"][kind]["attribute"] for s in samples]
