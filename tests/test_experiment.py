@@ -772,3 +772,19 @@ def test_finished_runs_are_reused_only_on_the_same_test_split(tmp_path, monkeypa
     assert not (tmp_path / "runs" / "c-seed0" / "checkpoints").exists()
     run(20)  # another split and no checkpoint left: trained again
     assert trained == ["c-seed0", "c-seed0"] and scored[-1] == "test-20.tar"
+
+
+def test_metrics_and_outcomes_extracted_from_an_eval_report():
+    from slipform_plugin.evaluation.experiment import METRICS, extract_metrics, extract_outcomes
+
+    synthetic = {
+        "hard": {"attribute_swap": {"accuracy": 0.5, "outcomes": "10"}, "object_swap": {"accuracy": 1.0}},
+        "retrieval": {"image_to_text": {"R@1": 0.25, "outcomes@1": "0001"}},
+    }
+    report = {"results": {"synthetic": synthetic}}
+    metrics = extract_metrics(report)
+    assert set(metrics) == set(METRICS)
+    assert (metrics["attribute_swap"], metrics["object_swap"], metrics["i2t_r1"]) == (0.5, 1.0, 0.25)
+    assert metrics["t2i_r1"] is None and metrics["attribute_replace"] is None  # absent from the report
+    # only what the report holds: an eval.json written before outcomes existed gives none
+    assert extract_outcomes(report) == {"attribute_swap": "10", "i2t_r1": "0001"}

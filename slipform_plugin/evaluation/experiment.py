@@ -650,33 +650,29 @@ def evaluate(
     return json.loads((out_dir / "eval.json").read_text())
 
 
+def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+    """``tree[path[0]][path[1]]...``, or None where a level is missing."""
+    for part in path:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def extract_metrics(report: dict[str, Any]) -> dict[str, float | None]:
     """The experiment's metrics (fractions in [0, 1]) from a ``slipform eval`` report."""
     synthetic = report["results"]["synthetic"]
-    metrics: dict[str, float | None] = {}
-    for name, (path, _) in METRICS.items():
-        value: Any = synthetic
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
-        metrics[name] = None if value is None else float(value)
-    return metrics
+    values = {name: _lookup(synthetic, path) for name, (path, _) in METRICS.items()}
+    return {name: None if value is None else float(value) for name, value in values.items()}
 
 
-# ------------------------------------------------------------------------------------------------- summary
 def extract_outcomes(report: dict[str, Any]) -> dict[str, str]:
     """Per-item outcomes (strings of ``1`` and ``0``) of :data:`OUTCOME_PATHS`' metrics in a ``slipform eval``
     report; a metric whose report has none (an older eval.json) is left out."""
     synthetic = report["results"]["synthetic"]
-    outcomes = {}
-    for name, path in OUTCOME_PATHS.items():
-        value: Any = synthetic
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, str):
-            outcomes[name] = value
-    return outcomes
+    values = {name: _lookup(synthetic, path) for name, path in OUTCOME_PATHS.items()}
+    return {name: value for name, value in values.items() if isinstance(value, str)}
 
 
+# ------------------------------------------------------------------------------------------------- summary
 def aggregate(records: list[dict[str, Any]], configs: list[str]) -> dict[str, dict[str, Any]]:
     """Per config: mean and sample standard deviation over seeds of every metric and of the timings."""
     summary: dict[str, dict[str, Any]] = {}
