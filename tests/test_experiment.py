@@ -13,6 +13,7 @@ import math
 import pickle
 import random
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -753,10 +754,11 @@ def test_finished_runs_are_reused_only_on_the_same_test_split(tmp_path, monkeypa
     parser = experiment.build_parser()
     config = build_configs(0.2, 0.1)["c"]
 
-    def run(test_samples: int, *flags: str) -> dict:
-        argv = ["--quick", "--out", str(tmp_path), "--test-samples", str(test_samples), *flags]
+    def run(test_samples: int, *flags: str, out: Path = tmp_path) -> dict:
+        argv = ["--quick", "--out", str(out), "--test-samples", str(test_samples), *flags]
         settings = experiment.settings_from_args(parser.parse_args(argv))
-        return experiment.run_one(settings, config, 0, "train-{0..1}.tar", f"test-{test_samples}.tar")
+        train = str(out / "data" / "train" / "shard-{0..1}.tar")  # the folder's own shards, as make_data finds them
+        return experiment.run_one(settings, config, 0, train, f"test-{test_samples}.tar")
 
     first = run(8, "--keep-checkpoints")
     assert first["test_split"]["num_samples"] == 8 and trained == ["c-seed0"] and scored == ["test-8.tar"]
@@ -770,8 +772,13 @@ def test_finished_runs_are_reused_only_on_the_same_test_split(tmp_path, monkeypa
     run(16)  # scored again and, without --keep-checkpoints, the checkpoint is dropped afterwards
     assert len(trained) == 1 and scored[-1] == "test-16.tar"
     assert not (tmp_path / "runs" / "c-seed0" / "checkpoints").exists()
-    run(20)  # another split and no checkpoint left: trained again
+    run(20, "--keep-checkpoints")  # another split and no checkpoint left: trained again
     assert trained == ["c-seed0", "c-seed0"] and scored[-1] == "test-20.tar"
+    # A copy of the experiment folder is the same experiment: its runs are scored again there, not trained.
+    copy = tmp_path.parent / (tmp_path.name + "-copy")
+    shutil.copytree(tmp_path, copy)
+    assert run(24, "--keep-checkpoints", out=copy)["test_split"]["num_samples"] == 24
+    assert len(trained) == 2 and scored[-1] == "test-24.tar"
 
 
 def test_metrics_and_outcomes_extracted_from_an_eval_report():

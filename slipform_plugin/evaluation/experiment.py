@@ -331,7 +331,8 @@ def make_data(settings: Settings) -> dict[str, Any]:
                 world=settings.world,
                 single_group_fraction=settings.single_group_fraction if split == "train" else 0.0,
             )
-        result[split] = json.loads((directory / "slipform-synthetic.json").read_text())["pattern"]
+        pattern = json.loads((directory / "slipform-synthetic.json").read_text())["pattern"]
+        result[split] = str(directory / Path(pattern).name)  # where the shards are now (an --out may be copied)
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
 
@@ -537,7 +538,7 @@ def run_one(settings: Settings, config: Config, seed: int, train_pattern: str, t
     checkpoint = run_dir / "checkpoints" / f"epoch_{settings.epochs}.pt"
     if done.is_file():
         previous = json.loads(done.read_text())
-        if previous.get("command", [])[1:] == command[1:]:  # same settings (any interpreter path)
+        if _portable(previous.get("command", [])) == _portable(command):  # same settings, wherever --out was
             if previous.get("test_split") == test_split and (eval_dir / "eval.json").is_file():
                 return previous
             if checkpoint.is_file():  # trained as asked, scored on another test split: score it again
@@ -563,6 +564,15 @@ def run_one(settings: Settings, config: Config, seed: int, train_pattern: str, t
         raise RuntimeError(f"training {name}: the Slipform plugin was not active (no 'Slipform: loss=' in out.log)")
     record.update(parse_train_log(log_text))
     return _score(settings, record, checkpoint, test_pattern, eval_dir, done)
+
+
+def _portable(command: list[str]) -> list[str]:
+    """A training command without its interpreter and with its ``--out`` folder (the parent of ``--logs``)
+    written as ``<out>``, so a run is recognised in a copy of its experiment folder too."""
+    if "--logs" not in command[:-1]:
+        return command[1:]
+    out = str(Path(command[command.index("--logs") + 1]).parent) + os.sep
+    return [arg.replace(out, "<out>" + os.sep) for arg in command[1:]]
 
 
 def _score(
