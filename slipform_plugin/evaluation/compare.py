@@ -142,6 +142,15 @@ def test_split_sd(outcome_pairs: list[tuple[str | None, str | None]]) -> float |
     return math.sqrt(statistics.fmean(variances)) if variances else None
 
 
+def paired_stat(diffs: list[float], outcome_pairs: list[tuple[str | None, str | None]]) -> dict[str, Any]:
+    """``{"per_seed", "mean", "std"}`` of per-seed differences, with ``"test_sd"`` (:func:`test_split_sd` of the
+    seeds' ``outcome_pairs``) where every seed has outcomes for both sides."""
+    stat: dict[str, Any] = {"per_seed": diffs, **mean_sd(diffs)}
+    if (sd := test_split_sd(outcome_pairs)) is not None:
+        stat["test_sd"] = sd
+    return stat
+
+
 def compare(variant: Side, baselines: list[Side], metrics: list[str], allow_different_settings: bool = False) -> dict:
     """Per baseline: the variant's per-seed differences (fractions) of each metric, with mean and sd.
 
@@ -172,12 +181,10 @@ def compare(variant: Side, baselines: list[Side], metrics: list[str], allow_diff
             pairs = [(variant.per_seed[s].get(metric), baseline.per_seed[s].get(metric)) for s in seeds]
             diffs = [v - b for v, b in pairs if v is not None and b is not None]
             if diffs:
-                entry[metric] = {"per_seed": diffs, **mean_sd(diffs)}
                 outcome_pairs = [
                     (variant.outcomes.get(s, {}).get(metric), baseline.outcomes.get(s, {}).get(metric)) for s in seeds
                 ]
-                if (sd := test_split_sd(outcome_pairs)) is not None:
-                    entry[metric]["test_sd"] = sd
+                entry[metric] = paired_stat(diffs, outcome_pairs)
         out["baselines"].append(entry)
     return out
 

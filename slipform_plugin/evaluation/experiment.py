@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from slipform_plugin._argtypes import float_in_range, positive_int
-from slipform_plugin.evaluation.compare import format_stat, mean_sd, test_split_sd
+from slipform_plugin.evaluation.compare import format_stat, mean_sd, paired_stat
 from slipform_plugin.evaluation.synthetic import PROBED_ATTRIBUTES
 from slipform_plugin.hard_negatives import DEFAULT_SCORE_SCALE, HARD_NEGATIVE_KINDS, SCORE_SCALES
 from slipform_plugin.recommended import RECOMMENDED_CEMENT
@@ -767,12 +767,8 @@ def paired_differences(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if by_key[(first, s)].get(metric) is not None and by_key[(second, s)].get(metric) is not None
             ]
             if diffs:
-                entry[metric] = {"per_seed": diffs, **mean_sd(diffs)}
-                sd = test_split_sd(
-                    [(outcomes[(first, s)].get(metric), outcomes[(second, s)].get(metric)) for s in seeds]
-                )
-                if sd is not None:
-                    entry[metric]["test_sd"] = sd
+                outcome_pairs = [(outcomes[(first, s)].get(metric), outcomes[(second, s)].get(metric)) for s in seeds]
+                entry[metric] = paired_stat(diffs, outcome_pairs)
         out.append(entry)
     return out
 
